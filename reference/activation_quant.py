@@ -63,20 +63,24 @@ def quantize_dynamic_per_token(x: np.ndarray, bits: int = 8) -> tuple[np.ndarray
 
     ``m = max|f32(x)|``; ``r = f32(qmax) / m`` (float32 division);
     ``q = sat(rint(f32(x) * r))``; ``scale = m / f32(qmax)`` (float32), with
-    ``qmax`` = 127 (int8) or 7 (int4). The NPU returns ``1/r`` in some tiling paths
+    ``qmax`` = 127 (int8) or 7 (int4); codes are clamped to the symmetric range
+    ``[-qmax, qmax]`` (reached only when ``qmax / m`` overflows float32, i.e. for rows whose
+    largest magnitude is a tiny subnormal: the codes then saturate to +-qmax and the scale
+    underflows towards 0). The NPU returns ``1/r`` in some tiling paths
     and ``m * (1/qmax)`` in others (both within 1 ulp of ours); we fix ``m / qmax``.
     Zero rows -> q = 0, scale = 0; rows with NaN/inf -> q = 0, scale = NaN.
     Returns ``(q int8 [..., K], scale float32 [...])``.
     """
-    lo, hi = _QRANGE[bits]
+    _, hi = _QRANGE[bits]
     xf = np.asarray(x).astype(np.float32)
     finite = np.all(np.isfinite(xf), axis=-1)
     m = np.max(np.abs(np.where(np.isfinite(xf), xf, 0)), axis=-1, initial=np.float32(0)).astype(np.float32)
     usable = finite & (m > 0)
     safe_m = np.where(usable, m, np.float32(1)).astype(np.float32)
-    r = (np.float32(hi) / safe_m).astype(np.float32)
-    v = (np.where(usable[..., None], xf, np.float32(0)) * r[..., None]).astype(np.float32)
-    q = quantize_rint(v, lo, hi)
+    with np.errstate(over="ignore", invalid="ignore"):
+        r = (np.float32(hi) / safe_m).astype(np.float32)
+        v = (np.where(usable[..., None], xf, np.float32(0)) * r[..., None]).astype(np.float32)
+    q = quantize_rint(v, -hi, hi)
     scale = np.where(usable, (m / np.float32(hi)).astype(np.float32), np.float32(0))
     scale = np.where(finite, scale, np.float32(np.nan)).astype(np.float32)
     return q, scale

@@ -1,0 +1,1 @@
+"""ascend_quant.checkpoint (work in progress)."""

@@ -1,0 +1,1 @@
+"""Command-line interface (ascend_quant.cli)."""

@@ -1,0 +1,64 @@
+"""Entry point of the ``ascend-quant`` command.
+
+Subcommand handlers are imported lazily so that ``ascend-quant --help`` stays
+fast and does not import torch or vLLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+DIST_NAME = "ascend-quant"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(DIST_NAME)
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _cmd_walkthrough(args: argparse.Namespace) -> int:
+    from ascend_quant.cli import walkthrough
+
+    return walkthrough.run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ascend-quant",
+        description="vLLM Ascend / msModelSlim quantization algorithms: reference, kernels and tools.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="subcommands")
+
+    p = sub.add_parser(
+        "walkthrough",
+        help="quantize one layer (and one MoE layer) with every algorithm ID through the NumPy reference",
+        description="Quantize a seeded random layer with every algorithm ID, run the NumPy reference "
+                    "forward, and print bytes and error against the float product.",
+    )
+    from ascend_quant.cli.walkthrough import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(handler=_cmd_walkthrough)
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help(sys.stderr)
+        return 2
+    return int(handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

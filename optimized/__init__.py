@@ -1,0 +1,1 @@
+"""ascend_quant.optimized (work in progress)."""

@@ -1,0 +1,1 @@
+"""ascend_quant.vllm_integration (work in progress)."""

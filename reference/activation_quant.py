@@ -58,6 +58,21 @@ def quantize_static(x: np.ndarray, recip: np.float32, offset: np.float32, bits: 
     return quantize_rint(v, lo, hi)
 
 
+def row_absmax(x) -> tuple[np.ndarray, ...]:
+    """Per-row statistics every per-token quantizer starts from.
+
+    Returns ``(xf, finite, m, usable, safe_m)``: ``xf = f32(x)``; ``finite`` whether the row
+    has no NaN/inf; ``m = max|xf|`` over the finite entries; ``usable = finite & (m > 0)``;
+    ``safe_m`` = ``m`` where usable, else 1 (so divisions by it never warn).
+    """
+    xf = np.asarray(x).astype(np.float32)
+    finite = np.all(np.isfinite(xf), axis=-1)
+    m = np.max(np.abs(np.where(np.isfinite(xf), xf, 0)), axis=-1, initial=np.float32(0)).astype(np.float32)
+    usable = finite & (m > 0)
+    safe_m = np.where(usable, m, np.float32(1)).astype(np.float32)
+    return xf, finite, m, usable, safe_m
+
+
 def quantize_dynamic_per_token(x: np.ndarray, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """``npu_dynamic_quant``: symmetric per-row quantization over the last axis.
 
@@ -72,11 +87,7 @@ def quantize_dynamic_per_token(x: np.ndarray, bits: int = 8) -> tuple[np.ndarray
     Returns ``(q int8 [..., K], scale float32 [...])``.
     """
     _, hi = _QRANGE[bits]
-    xf = np.asarray(x).astype(np.float32)
-    finite = np.all(np.isfinite(xf), axis=-1)
-    m = np.max(np.abs(np.where(np.isfinite(xf), xf, 0)), axis=-1, initial=np.float32(0)).astype(np.float32)
-    usable = finite & (m > 0)
-    safe_m = np.where(usable, m, np.float32(1)).astype(np.float32)
+    xf, finite, m, usable, safe_m = row_absmax(x)
     with np.errstate(over="ignore", invalid="ignore"):
         r = (np.float32(hi) / safe_m).astype(np.float32)
         v = (np.where(usable[..., None], xf, np.float32(0)) * r[..., None]).astype(np.float32)

@@ -26,6 +26,7 @@ import math
 
 import numpy as np
 
+from .activation_quant import row_absmax
 from .rounding import INT4_MAX, INT4_MIN, quantize_rint, round_to_dtype
 
 
@@ -85,10 +86,10 @@ def kronecker_transform(x: np.ndarray, left_trans: np.ndarray, right_trans: np.n
     left, right = transform_shapes(left_trans, right_trans, k)
     lt = round_to_dtype(np.asarray(left_trans, np.float32), dtype).astype(np.float64)
     xt = x.astype(np.float64).reshape(m, left, right)
-    if right_trans is not None:
-        rt = round_to_dtype(np.asarray(right_trans, np.float32), dtype).astype(np.float64)
-        xt = xt @ rt
-    with np.errstate(invalid="ignore", over="ignore"):
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf rows stay non-finite, by design
+        if right_trans is not None:
+            rt = round_to_dtype(np.asarray(right_trans, np.float32), dtype).astype(np.float64)
+            xt = xt @ rt
         out = np.einsum("ji,mjr->mir", lt, xt)
     return out.reshape(m, k).astype(np.float16)
 
@@ -103,13 +104,10 @@ def quantize_kronecker_int4(xt: np.ndarray, clip_ratio) -> tuple[np.ndarray, np.
     c = np.float32(np.asarray(clip_ratio, dtype=np.float32).reshape(-1)[0])
     if not (np.isfinite(c) and 0 < c <= 1):
         raise ValueError(f"clip_ratio must lie in (0, 1], got {c}")
-    xf = np.asarray(xt).astype(np.float32)
-    finite = np.all(np.isfinite(xf), axis=-1)
-    m = np.max(np.abs(np.where(np.isfinite(xf), xf, 0)), axis=-1, initial=np.float32(0)).astype(np.float32)
-    usable = finite & (m > 0)
-    safe_m = np.where(usable, m, np.float32(1)).astype(np.float32)
-    r = (np.float32(np.float32(7) / c) / safe_m).astype(np.float32)
-    v = (np.where(usable[..., None], xf, np.float32(0)) * r[..., None]).astype(np.float32)
+    xf, finite, m, usable, safe_m = row_absmax(xt)
+    with np.errstate(over="ignore", invalid="ignore"):  # tiny subnormal m: r = inf, codes saturate
+        r = (np.float32(np.float32(7) / c) / safe_m).astype(np.float32)
+        v = (np.where(usable[..., None], xf, np.float32(0)) * r[..., None]).astype(np.float32)
     q = quantize_rint(v, INT4_MIN, INT4_MAX)
     scale = np.where(usable, ((m * c).astype(np.float32) / np.float32(7)).astype(np.float32), np.float32(0))
     scale = np.where(finite, scale, np.float32(np.nan)).astype(np.float32)

@@ -28,6 +28,18 @@ def _cmd_walkthrough(args: argparse.Namespace) -> int:
     return walkthrough.run(args)
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from ascend_quant.cli import inspect
+
+    return inspect.run(args)
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from ascend_quant.cli import quantize
+
+    return quantize.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ascend-quant",
@@ -46,6 +58,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(p)
     p.set_defaults(handler=_cmd_walkthrough)
+
+    p = sub.add_parser(
+        "quantize",
+        help="quantize a float Hugging Face safetensors model into msModelSlim's layout",
+        description="Quantize every linear layer of the float model in SRC_DIR with the NumPy reference "
+                    "quantizers and write a quantized model directory (quant_model_description.json, "
+                    "quant_model_weights*.safetensors) to OUT_DIR. SRC_DIR is never modified.",
+    )
+    from ascend_quant.cli.quantize import add_arguments as add_quantize_arguments
+
+    add_quantize_arguments(p)
+    p.set_defaults(handler=_cmd_quantize)
+
+    p = sub.add_parser(
+        "inspect",
+        help="validate a quantized model directory and summarise its layers",
+        description="Check a quantized model directory (description, index, shards, every layer's tensors) "
+                    "without modifying it; print per-layer and per-algorithm sizes and the compression ratio "
+                    "against bf16. Exit status 1 with every problem found when it is not valid.",
+    )
+    from ascend_quant.cli.inspect import add_arguments as add_inspect_arguments
+
+    add_inspect_arguments(p)
+    p.set_defaults(handler=_cmd_inspect)
 
     return parser
 

@@ -1,0 +1,219 @@
+"""Weight-only linear kernels (W8A16, W4A16) in PyTorch, and the bound they meet.
+
+Counterpart of ``reference.linear.w8a16_linear`` / ``w4a16_linear``. The reference
+evaluates ``y = dt(sum_k x[m,k] * w[n,k] + bias[n])`` in float64 with the exact
+dequantized weight ``w = (q - o) * s`` (``s``, ``o`` rounded to the model dtype ``dt`` at
+load) and rounds once. No fast kernel sums in that order, so these kernels are compared
+within a derived bound, not bit-exactly. The weights stay int8 in memory (W4A16: int4
+values carried in int8) and are dequantized per call.
+
+Kernels:
+
+``dequant-f32``  per call ``w32 = (f32(q) - o) * s`` (per group), ``y = dt(f32(x) @ w32^T + b)``
+                 with a float32 GEMM. For bf16/fp16 models ``w32`` is exact (``q - o``
+                 has <= 9 significant bits, ``s`` <= 11, the product <= 20 < 24); for
+                 float32 models each weight is rounded once (relative 2^-24).
+``dequant-bf16`` (bf16 models) ``w16 = bf16(w32)`` per call, ``v = bf16(x @ w16^T)`` with
+                 oneDNN's bf16 GEMM (float32 accumulation, one rounding), then
+                 ``y = bf16(f32(v) + b)``: each weight rounded (relative 2^-9), two roundings
+                 to bf16. The AVX512-BF16 dot product (``vdpbf16ps``) treats subnormal
+                 inputs as zero and flushes subnormal results (found by the conformance
+                 suite): the bound adds ``sum_{k: x subnormal} |x||w| + (K + 1) 2^-126``.
+``int4pack-mm``  ``torch._weight_int4pack_mm_for_cpu`` (W4A16; groups of 32/64/128/256
+                 dividing K, N % 16 == 0): torch's packed int4 copy made at prepare, float32
+                 accumulation, ``v = dt(...)`` then ``y = dt(f32(v) + b)``: two roundings.
+``int8pack-mm``  ``torch._weight_int8pack_mm`` (W8A16, per-channel, all offsets zero):
+                 ``v = dt(f32(sum_k x q) * s[n])`` (float32 accumulation), then
+                 ``y = dt(f32(v) + b)``: two roundings to ``dt``.
+
+Bound (elementwise, used by the conformance suite). With ``S[m,n] = sum_k |x[m,k]| |w[n,k]|
++ |b[n]|`` (exact weights), ``u = 2^-24``:
+
+    |y - y_ref| <= delta + c * ulp_dt(2 S + delta),
+    delta = (rel_w + (K + 3) * u * 1.01) * S + (2 K + 4) * 2^-150  [+ the flush term of ``dequant-bf16``]
+
+``(K + 3) u`` covers the float32 accumulation (``gamma_K = K u / (1 - K u)``, any summation
+order, FMA or not), the scale multiply / bias add in float32 and the reference's own
+float64 summation error (``(K+1) 2^-53``); ``(2K + 4) 2^-150`` is the absolute error of
+float32 operations whose results are subnormal (half the smallest spacing each, found by
+the conformance suite on float32 models with subnormal activations); ``rel_w`` is the per-weight rounding (0, or
+2^-24 for float32 models in ``dequant-f32``, 2^-9 for ``dequant-bf16``); ``c`` counts the
+roundings to ``dt`` on our side (1 for ``dequant-f32``, 2 otherwise: an intermediate rounding
+happens before the bias, at the magnitude of the partial sum, itself <= S). ``ulp_dt(v)``
+is the spacing of ``dt`` at magnitude ``v`` (subnormal spacing below the normal range).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["WeightOnlyWeights", "WEIGHT_ONLY_KERNELS", "weight_only_bound_params", "dequantize_f32"]
+
+
+@dataclass
+class WeightOnlyWeights:
+    """Kernel-ready weight-only tensors: int8 codes and per-group float32 scale/offset,
+    plus (W4A16, when ``int4pack-mm`` may run) torch's packed int4 copy and its scales."""
+
+    q: torch.Tensor                  # int8 [N, K] (int4 values for W4A16)
+    scale: torch.Tensor              # float32 [N, G], already rounded to the model dtype
+    offset: torch.Tensor | None      # float32 [N, G] (dt-rounded) or None when all zero
+    group: int                       # group size along K (K for per-channel)
+    int4pack: torch.Tensor | None = None       # _convert_weight_to_int4pack_for_cpu(q + 8)
+    int4_scale_zeros: torch.Tensor | None = None  # [G, N, 2] (scale, 0) in the model dtype
+
+    def resident_bytes(self) -> int:
+        b = self.q.numel() * self.q.element_size() + self.scale.numel() * 4
+        for t in (self.offset, self.int4pack, self.int4_scale_zeros):
+            b += 0 if t is None else t.numel() * t.element_size()
+        return b
+
+    def add_int4pack(self, dt: torch.dtype) -> None:
+        """Pack for ``torch._weight_int4pack_mm_for_cpu``: unsigned nibbles ``q + 8`` and
+        ``(scale, zero = 0)`` per group, so its dequantization ``(u - 8) * scale + zero`` is
+        ``q * scale``."""
+        self.int4pack = torch._convert_weight_to_int4pack_for_cpu((self.q.to(torch.int32) + 8).contiguous(), 1)
+        s = self.scale.t().to(dt)
+        self.int4_scale_zeros = torch.stack([s, torch.zeros_like(s)], dim=-1).contiguous()
+
+
+def _per_group(w: torch.Tensor, a: torch.Tensor, g: int, op) -> torch.Tensor:
+    """Apply ``op(w_cols, a_col)`` in place per group of ``g`` columns; ragged tail handled."""
+    n, k = w.shape
+    full = (k // g) * g
+    if full:
+        op(w[:, :full].view(n, k // g, g), a[:, : k // g].unsqueeze(-1))
+    if full < k:
+        op(w[:, full:], a[:, -1:])
+    return w
+
+
+def dequantize_f32(wts: WeightOnlyWeights) -> torch.Tensor:
+    """``(f32(q) - o) * s`` per group as a new float32 ``[N, K]`` tensor (per call)."""
+    w = wts.q.to(torch.float32)
+    if wts.offset is not None:
+        _per_group(w, wts.offset, wts.group, lambda a, b: a.sub_(b))
+    return _per_group(w, wts.scale, wts.group, lambda a, b: a.mul_(b))
+
+
+def _dequant_f32(wts: WeightOnlyWeights, x: torch.Tensor, bias32: torch.Tensor | None, dt) -> torch.Tensor:
+    y = F.linear(x.to(torch.float32), dequantize_f32(wts))
+    if bias32 is not None:
+        y.add_(bias32)
+    return y.to(dt)
+
+
+def dequantize_bf16(wts: WeightOnlyWeights) -> torch.Tensor:
+    """``bf16((q - o) * s)`` computed in bf16 directly: ``q - o`` (|.| <= 255) is exact in
+    bf16 and the bf16 multiply rounds the exact float32 product once, so this equals
+    ``bf16(dequantize_f32(wts))`` for bf16-rounded scales, in half the memory traffic."""
+    w = wts.q.to(torch.bfloat16)
+    if wts.offset is not None:
+        _per_group(w, wts.offset.to(torch.bfloat16), wts.group, lambda a, b: a.sub_(b))
+    return _per_group(w, wts.scale.to(torch.bfloat16), wts.group, lambda a, b: a.mul_(b))
+
+
+def _dequant_bf16(wts: WeightOnlyWeights, x: torch.Tensor, bias32: torch.Tensor | None, dt) -> torch.Tensor:
+    v = F.linear(x, dequantize_bf16(wts))
+    if bias32 is None:
+        return v
+    return (v.to(torch.float32) + bias32).to(dt)
+
+
+def _int4pack_mm(wts: WeightOnlyWeights, x: torch.Tensor, bias32: torch.Tensor | None, dt) -> torch.Tensor:
+    v = torch._weight_int4pack_mm_for_cpu(x.contiguous(), wts.int4pack, wts.group, wts.int4_scale_zeros)
+    if bias32 is None:
+        return v
+    return (v.to(torch.float32) + bias32).to(dt)
+
+
+def _int8pack_mm(wts: WeightOnlyWeights, x: torch.Tensor, bias32: torch.Tensor | None, dt) -> torch.Tensor:
+    x = x.contiguous()
+    if x.data_ptr() % 64:
+        # torch 2.13's CPU kernel uses aligned 32-byte loads for bf16 activations: a base
+        # pointer off a 32-byte boundary segfaults (probed); fresh torch memory is 64-aligned
+        x = x.clone()
+    v = torch._weight_int8pack_mm(x, wts.q, wts.scale.reshape(-1).to(dt))
+    if bias32 is None:
+        return v
+    return (v.to(torch.float32) + bias32).to(dt)
+
+
+def _can_dequant_bf16(algo: str, wts: WeightOnlyWeights, dt, device) -> tuple[bool, str | None]:
+    if dt != torch.bfloat16:
+        return False, f"bf16 GEMM path is for bfloat16 models only (model dtype is {dt})"
+    return True, None
+
+
+def _can_int8pack(algo: str, wts: WeightOnlyWeights, dt, device) -> tuple[bool, str | None]:
+    if not hasattr(torch, "_weight_int8pack_mm"):
+        return False, "torch._weight_int8pack_mm missing from this PyTorch build"
+    if algo != "W8A16":
+        return False, f"int8 weights only (W8A16); {algo} has int4 weights"
+    if wts is None:
+        return False, "needs the layer's prepared weights to decide (per-channel, symmetric, K % 16)"
+    if wts.group != wts.q.shape[1]:
+        return False, f"per-channel scales only; this layer has group size {wts.group}"
+    if wts.offset is not None:
+        return False, "symmetric weights only (weight_offset is not all zero)"
+    if wts.q.shape[1] % 16:
+        # torch 2.13 CPU: bf16 rows must start on 32-byte boundaries (aligned loads): with
+        # K % 16 != 0 the second row does not, and it segfaults or returns NaN (probed; fp16
+        # and fp32 looked fine); refused for every dtype as a precaution
+        return False, f"K={wts.q.shape[1]} is not a multiple of 16 (torch._weight_int8pack_mm crashes there)"
+    if device.type not in ("cpu", "cuda"):
+        return False, f"not available on {device.type}"
+    return True, None
+
+
+def _can_int4pack(algo: str, wts: WeightOnlyWeights, dt, device) -> tuple[bool, str | None]:
+    if not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
+        return False, "torch._weight_int4pack_mm_for_cpu missing from this PyTorch build"
+    if algo != "W4A16":
+        return False, f"int4 weights only (W4A16); {algo} has int8 weights"
+    if device.type != "cpu":
+        return False, f"CPU kernel (device is {device.type})"
+    if wts is None:
+        return False, "needs the layer's prepared weights (torch's packed int4 copy is made by prepare_linear)"
+    n, k = wts.q.shape
+    if wts.group not in (32, 64, 128, 256) or k % wts.group:
+        return False, f"group size must be 32, 64, 128 or 256 and divide K (group {wts.group}, K={k})"
+    if n % 16:
+        return False, f"N={n} is not a multiple of 16 (_convert_weight_to_int4pack_for_cpu)"
+    return True, None
+
+
+def _always(algo, wts, dt, device):
+    return True, None
+
+
+#: name -> (run(wts, x, bias32, dt), can_implement(algo, wts, dt, device))
+WEIGHT_ONLY_KERNELS = {
+    "int4pack-mm": (_int4pack_mm, _can_int4pack),
+    "int8pack-mm": (_int8pack_mm, _can_int8pack),
+    "dequant-bf16": (_dequant_bf16, _can_dequant_bf16),
+    "dequant-f32": (_dequant_f32, _always),
+}
+
+
+def weight_only_bound_params(kernel: str, dt: torch.dtype) -> tuple[float, int, bool]:
+    """``(rel_w, c, flushes_subnormals)`` of the module docstring's bound for ``kernel``."""
+    if kernel == "dequant-f32":
+        return (2.0**-24 if dt == torch.float32 else 0.0), 1, False
+    if kernel == "dequant-bf16":
+        return 2.0**-9, 2, True
+    if kernel == "int8pack-mm":
+        return 0.0, 2, False
+    if kernel == "int4pack-mm":
+        # its in-kernel dequantization (u - 8) * s + 0 is exact for model-dtype scales; 2^-24
+        # per weight and the subnormal-flush term are kept as a margin (kernel not documented)
+        return 2.0**-24, 2, True
+    if kernel == "npu":
+        # npu_weight_quant_batchmatmul: in-kernel precision undocumented (facts §2.4); assume
+        # weights dequantized to the activation dtype (<= 2^-9 relative), two roundings, and
+        # possibly flushed subnormals
+        return 2.0**-9, 2, True
+    raise ValueError(f"unknown weight-only kernel {kernel!r}")

@@ -13,7 +13,9 @@ value to **float16** before quantizing; then ``m = max|X'|``,
 
 Our departures, each deliberate: the two small matrix products are evaluated in
 float64 (products of float32 values are exact there) and rounded once to float16,
-so the result does not depend on a summation order. ``o_proj`` checkpoints carry
+so a different summation order can change the result only where the exact value lies
+within float64 rounding (~2^-45 relative) of an fp16 rounding boundary, and then by one fp16
+ulp (the conformance suite asserts <= 1 ulp on X' and bit-exactness downstream of it). ``o_proj`` checkpoints carry
 only ``left_trans`` (``[num_heads, num_heads]``): the token is viewed as
 ``[num_heads, head_dim]`` and no right factor is applied (real msModelSlim output;
 vLLM Ascend cannot load it). Rows with NaN/inf get q = 0 and scale NaN; zero rows

@@ -13,6 +13,11 @@ model reader) and :mod:`checkpoint.io` (the msModelSlim-layout writer); what it 
   statistic is msModelSlim's ``ActPerTensorMinmax`` with max aggregation, see
   :func:`reference.weight_quant.calibrate_input_scale_offset`); MoE blocks keep their full input
   (the per-expert down_proj input is derived from it);
+* calibrated FlatQuant (W4A4_FLATQUANT_DYNAMIC, the default): the same pass keeps the full input
+  of one projection per transform group, and :func:`checkpoint.flatquant_calibration.plan_flatquant_model`
+  learns each group's Kronecker factors and clip ratio from it (o_proj: msModelSlim's
+  ``[heads, heads]`` form, its per-head factor folded into v_proj); ``flatquant="random"`` keeps
+  the earlier seeded random orthogonal factors with clip 1 (not calibrated; layout tests);
 * the model dtype (``dtype``): FLOAT tensors are stored in it (RNE) and it decides the W8A8
   ``deq_scale`` storage like msModelSlim (int64 for float16/float32, float32 for bfloat16);
 * progress reporting, and a final :func:`checkpoint.validate.validate_checkpoint` of the output.
@@ -32,6 +37,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ..reference import algorithms as A
+from ..reference import weight_quant as wq
 from ..reference.rounding import model_dtype, round_to_dtype
 from .description import FLOAT, PACKED_MODULES_MODEL_MAPPING, QuantDescription
 from .io import write_quantized_model
@@ -156,13 +162,16 @@ def calibration_token_ids(src_dir: str, text: str, samples: int, seq_len: int, v
 
 
 def collect_input_ranges(src_dir: str, token_ids: Sequence[Sequence[int]], linear_prefixes: Sequence[str],
-                         experts_prefixes: Sequence[str] = ()) -> dict[str, np.ndarray]:
+                         experts_prefixes: Sequence[str] = (), full_prefixes: Sequence[str] = ()
+                         ) -> dict[str, np.ndarray]:
     """Run the float model (float32) on ``token_ids`` and return, per module prefix, the
     calibration data :func:`reference.weight_quant.calibrate_input_scale_offset` needs:
     ``[min, max]`` (float32, over every value of every token) of each linear layer's input in
     ``linear_prefixes``, and the full input ``[tokens, H]`` of each MoE ``experts`` module in
     ``experts_prefixes`` (its down_proj inputs are derived per expert). min/max is all the
-    per-tensor min/max statistic uses, so keeping only it gives identical parameters."""
+    per-tensor min/max statistic uses, so keeping only it gives identical parameters.
+    ``full_prefixes``: modules whose full input ``[tokens, K]`` (float32) is returned too
+    (FlatQuant calibration); a prefix must not be in both lists."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -172,7 +181,9 @@ def collect_input_ranges(src_dir: str, token_ids: Sequence[Sequence[int]], linea
     model.eval()
     ranges: dict[str, list[float]] = {}
     full: dict[str, list[np.ndarray]] = {}
-    wanted_lin, wanted_exp = set(linear_prefixes), set(experts_prefixes)
+    wanted_lin, wanted_exp = set(linear_prefixes), set(experts_prefixes) | set(full_prefixes)
+    if wanted_lin & wanted_exp:
+        raise ValueError(f"calibration: {sorted(wanted_lin & wanted_exp)[:3]} asked for both ranges and full inputs")
     hooks = []
     for name, module in model.named_modules():
         if name in wanted_lin:
@@ -248,6 +259,8 @@ def quantize_directory(
     dtype: str = "auto",
     overwrite: bool = False,
     flatquant_seed: int = 0,
+    flatquant: str = "calibrated",
+    flatquant_steps: int | None = None,
     progress: bool | None = None,
     log: Callable[[str], None] | None = None,
 ) -> QuantDescription:
@@ -261,6 +274,12 @@ def quantize_directory(
     others per channel). ``calibration_text`` (default :data:`BUILTIN_CALIBRATION_TEXT`) is cut
     into ``calib_samples`` windows of ``calib_seq_len`` tokens. ``dtype``: ``"auto"`` (the
     source's ``torch_dtype``), ``"float32"``, ``"float16"`` or ``"bfloat16"``.
+    ``flatquant``: ``"calibrated"`` (learn each W4A4_FLATQUANT_DYNAMIC transform group's factors
+    and clip ratio on the calibration text, :mod:`checkpoint.flatquant_calibration`, with
+    ``flatquant_steps`` Adam steps, default
+    :attr:`~checkpoint.flatquant_calibration.FlatQuantOptions.steps`; 0 = initialization and clip
+    search only) or ``"random"`` (seeded random orthogonal factors, clip 1). ``flatquant_seed``
+    seeds either.
     Raises ``FileExistsError`` for a non-empty ``out_dir`` without ``overwrite`` and
     ``ValueError`` naming the layer for a layer the algorithm cannot quantize.
     """
@@ -284,17 +303,42 @@ def quantize_directory(
         say(f"[quantize] {algorithm} has no MoE implementation: MoE experts stay FLOAT "
             f"(MoE algorithms: {', '.join(A.MOE_ALGORITHMS)})")
 
+    if flatquant not in ("calibrated", "random"):
+        raise ValueError(f"flatquant: expected 'calibrated' or 'random', got {flatquant!r}")
     activations = None
     static = [p for p, (_, a) in plan.items() if a in (A.W8A8, A.W8A8_MIX)]
-    if static:
+    flat = [p for p, (_, a) in plan.items() if a == A.W4A4_FLATQUANT_DYNAMIC] if flatquant == "calibrated" else []
+    if static or flat:
+        from .flatquant_calibration import flatquant_groups
+
         text = BUILTIN_CALIBRATION_TEXT if calibration_text is None else calibration_text
         vocab = int((config.get("text_config") or config).get("vocab_size", 2))
         ids, how = calibration_token_ids(src_dir, text, calib_samples, calib_seq_len, vocab)
         lin = [p for p in static if _EXPERT_RE.match(p + ".weight") is None]
         exp = sorted({m["experts"] for p in static for m in [_EXPERT_RE.match(p + ".weight")] if m})
-        say(f"[quantize] calibrating {len(static)} static-activation layer(s) on {how} "
-            "(per-tensor min/max of each layer input)")
-        activations = collect_input_ranges(src_dir, ids, lin, exp)
+        full = [members[0] for members in flatquant_groups(flat).values()]
+        if static:
+            say(f"[quantize] calibrating {len(static)} static-activation layer(s) on {how} "
+                "(per-tensor min/max of each layer input)")
+        if flat:
+            say(f"[quantize] calibrating the FlatQuant transforms of {len(flat)} layer(s) on {how}")
+        activations = collect_input_ranges(src_dir, ids, lin, exp, full)
+    flat_plan = {}
+    if flat:
+        from .flatquant_calibration import FlatQuantOptions, plan_flatquant_model
+
+        opts = FlatQuantOptions() if flatquant_steps is None else FlatQuantOptions(steps=int(flatquant_steps))
+        n_groups = len(flatquant_groups(flat))
+        flat_plan = plan_flatquant_model(
+            {p: np.asarray(float_tensors[f"{p}.weight"]).astype(np.float32) for p in flat}, flat, config,
+            activations, biases={p: np.asarray(float_tensors[f"{p}.bias"]).astype(np.float32)
+                                 for p in flat if f"{p}.bias" in float_tensors},
+            dtype=target_dt, options=opts, seed=flatquant_seed,
+            step=_progress(n_groups, progress, "flatquant"))
+        errs = {g.group: g.calibration.loss for g in flat_plan.values()}
+        mean = {k: float(np.mean([e[k] for e in errs.values()])) for k in ("none", "final")}
+        say(f"[quantize] FlatQuant calibration: mean relative output error over {len(errs)} transform "
+            f"group(s) {mean['none']:.3g} without a transform -> {mean['final']:.3g}")
 
     work = [n for n in float_tensors if n.endswith(".weight") and n[: -len(".weight")] in plan
             and plan[n[: -len(".weight")]][1] != FLOAT]
@@ -325,8 +369,15 @@ def quantize_directory(
         else:
             def calib(prefix=prefix):
                 return activations[prefix]
-        out = _quantize_projection(algo, prefix, np.asarray(arr), None if bias is None else np.asarray(bias),
-                                   calib, recipe, config, deq_dtype, _rng_for(prefix, flatquant_seed))
+        if prefix in flat_plan:
+            fp = flat_plan[prefix]
+            out = wq.quantize_w4a4_flatquant(fp.weight, fp.left_trans, fp.right_trans, fp.clip_ratio,
+                                             name=f"{prefix}.weight")
+            if bias is not None and fp.bias is not None:
+                bias = fp.bias  # v_proj: o_proj's per-head factor folded in
+        else:
+            out = _quantize_projection(algo, prefix, np.asarray(arr), None if bias is None else np.asarray(bias),
+                                       calib, recipe, config, deq_dtype, _rng_for(prefix, flatquant_seed))
         if algo in (A.W8A16, A.W4A8_DYNAMIC, A.W4A16):
             g = _effective_group(algo, recipe)
             if g:

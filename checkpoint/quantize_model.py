@@ -72,6 +72,10 @@ class QuantRecipe:
             description's top-level ``group_size``, so all grouped layers must share it.
         w8a16_symmetric: W8A16 symmetric (zero offsets) or asymmetric.
         flatquant_clip_ratio / flatquant_seed: see the module docstring.
+        flatquant_shared: the projections reading the same input (q/k/v, gate/up) share one pair
+            of factors, as msModelSlim writes them (vLLM runs each group as one fused linear
+            with one activation transform). False gives every projection its own factors (a
+            test case: vLLM Ascend would keep only the last shard's; we run such shards apart).
         deq_scale_dtype: W8A8 ``deq_scale`` storage: ``"int64"`` (float32 bits, msModelSlim for
             fp32/fp16 sources), ``"float32"`` (bf16 sources) or ``"auto"`` (by the source dtype).
     """
@@ -85,6 +89,7 @@ class QuantRecipe:
     w8a16_symmetric: bool = True
     flatquant_clip_ratio: float = 1.0
     flatquant_seed: int | None = 0
+    flatquant_shared: bool = True
     deq_scale_dtype: str = "auto"
 
     def algorithm_for(self, prefix: str, kind: str) -> str:
@@ -267,6 +272,16 @@ def _flatquant_factors(prefix: str, k: int, config: Mapping, rng) -> tuple[np.nd
     return _orthogonal(left, rng), _orthogonal(right, rng)
 
 
+#: projections that read the same input (one fused linear in vLLM) -> the fused name
+_INPUT_GROUPS = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+                 "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+
+
+def _input_group(prefix: str) -> str:
+    parent, _, proj = prefix.rpartition(".")
+    return f"{parent}.{_INPUT_GROUPS.get(proj, proj)}"
+
+
 def _source_deq_dtype(recipe: QuantRecipe, config: Mapping) -> str:
     if recipe.deq_scale_dtype != "auto":
         return recipe.deq_scale_dtype
@@ -281,7 +296,9 @@ def _effective_group(algo: str, recipe: QuantRecipe) -> int:
 
 
 def _quantize_projection(algo: str, prefix: str, w: np.ndarray, bias, calib, recipe: QuantRecipe,
-                         config: Mapping, deq_dtype: str, rng) -> dict[str, np.ndarray]:
+                         config: Mapping, deq_dtype: str, rng, *,
+                         flatquant_factors: tuple[np.ndarray, np.ndarray | None] | None = None
+                         ) -> dict[str, np.ndarray]:
     proj = prefix.rsplit(".", 1)[-1]
     g = _effective_group(algo, recipe)
     if algo == A.W8A16:
@@ -298,7 +315,7 @@ def _quantize_projection(algo: str, prefix: str, w: np.ndarray, bias, calib, rec
     if algo == A.W4A4_DYNAMIC:
         return wq.quantize_w4a4_dynamic(w, name=f"{prefix}.weight")
     if algo == A.W4A4_FLATQUANT_DYNAMIC:
-        left, right = _flatquant_factors(prefix, w.shape[1], config, rng)
+        left, right = flatquant_factors or _flatquant_factors(prefix, w.shape[1], config, rng)
         return wq.quantize_w4a4_flatquant(w, left, right, recipe.flatquant_clip_ratio, name=f"{prefix}.weight")
     if algo == A.W4A16:
         return wq.quantize_w4a16(w, group_size=g, name=f"{prefix}.weight")
@@ -342,6 +359,7 @@ def quantize_model(
     entries: dict[str, str] = {}
     groups: set[int] = set()
     done: set[str] = set()
+    flat_cache: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
     for name, arr in float_tensors.items():
         if name in done:
             continue
@@ -363,8 +381,14 @@ def quantize_model(
         else:
             def calib(prefix=prefix):
                 return _calibration(activations, prefix)
+        factors = None
+        if algo == A.W4A4_FLATQUANT_DYNAMIC:
+            group = _input_group(prefix) if recipe.flatquant_shared else prefix
+            if group not in flat_cache:
+                flat_cache[group] = _flatquant_factors(prefix, np.asarray(arr).shape[1], config, rng)
+            factors = flat_cache[group]
         out = _quantize_projection(algo, prefix, np.asarray(arr), None if bias is None else np.asarray(bias),
-                                   calib, recipe, config, deq_dtype, rng)
+                                   calib, recipe, config, deq_dtype, rng, flatquant_factors=factors)
         if algo in (A.W8A16, A.W4A8_DYNAMIC, A.W4A16):
             g = _effective_group(algo, recipe)
             if g:

@@ -333,9 +333,6 @@ class AscendW4A16LinearMethod(AscendLinearMethod):
         g = int(self.quant_config.description.top_level.get("group_size", 32))  # vLLM Ascend's default
         return self._group_count(layer, k, g, suffix)
 
-    def _tensors_for_prepare(self, dense):
-        return dict(dense)
-
     def _prepare_one(self, tensors, bias, layer):
         tensors = dict(tensors)
         tensors.pop("weight_shape", None)  # the checkpoint's full (N, K); K here is per partition

@@ -86,7 +86,8 @@ def test_w8a8_dynamic_tensors_are_the_reference_quantizers(tmp_path):
 
 def test_w8a8_static_needs_calibration_and_uses_it(tmp_path):
     t = _float_model(tmp_path / "src")
-    with pytest.raises(ValueError, match=r"model.layers.0.(mlp|self_attn).\w+: W8A8 static quantization needs calibration"):
+    with pytest.raises(ValueError,
+                       match=r"model.layers.0.(mlp|self_attn).\w+: W8A8 static quantization needs calibration"):
         quantize_model(tmp_path / "src", tmp_path / "o1", "W8A8")
     rng = np.random.default_rng(2)
     acts = {f"{L0}.self_attn.{p}": rng.standard_normal((5, H)).astype(np.float32)
@@ -128,7 +129,8 @@ def test_w4a16_group_size_and_weight_packed(tmp_path):
     _float_model(tmp_path / "src")
     desc = quantize_model(tmp_path / "src", tmp_path / "out", "W4A16")
     assert desc.group_size == 32  # W4A16's default, written as the top-level group_size
-    assert desc[f"{L0}.mlp.down_proj.weight_packed"] == "W4A16" and desc.layer_algorithm(f"{L0}.mlp.down_proj") == "W4A16"
+    assert desc[f"{L0}.mlp.down_proj.weight_packed"] == "W4A16"
+    assert desc.layer_algorithm(f"{L0}.mlp.down_proj") == "W4A16"
     desc = quantize_model(tmp_path / "src", tmp_path / "o2", QuantRecipe("W8A16", group_size=16))
     assert desc.group_size == 16
     assert read_quantized_model(tmp_path / "o2").tensors[f"{L0}.mlp.down_proj.weight_scale"].shape == (H, I // 16)
@@ -147,3 +149,17 @@ def test_moe_experts_per_expert_with_row_parallel_scale_bias(tmp_path, fused):
     src = t[f"{L0}.mlp.experts.gate_up_proj"][1, :I] if fused else t[f"{L0}.mlp.experts.1.gate_proj.weight"]
     assert np.array_equal(gate["weight"], wq.quantize_w4a8_dynamic(src)["weight"])
     assert desc[f"{L0}.mlp.gate.weight"] == "FLOAT"
+
+
+def test_flatquant_factors_shared_by_fused_shards(tmp_path):
+    _float_model(tmp_path / "src")
+    quantize_model(tmp_path / "src", tmp_path / "shared", "W4A4_FLATQUANT_DYNAMIC")
+    quantize_model(tmp_path / "src", tmp_path / "apart", QuantRecipe("W4A4_FLATQUANT_DYNAMIC", flatquant_shared=False))
+    for name, same in (("shared", True), ("apart", False)):
+        ck = read_quantized_model(tmp_path / name)
+        q, k = (ck.module_tensors(f"{L0}.self_attn.{p}") for p in ("q_proj", "k_proj"))
+        assert np.array_equal(q["left_trans"], k["left_trans"]) is same
+        assert np.array_equal(q["right_trans"], k["right_trans"]) is same
+    ck = read_quantized_model(tmp_path / "shared")
+    g, u = (ck.module_tensors(f"{L0}.mlp.{p}") for p in ("gate_proj", "up_proj"))
+    assert np.array_equal(g["left_trans"], u["left_trans"])

@@ -87,8 +87,8 @@ def run_vllm(model_dir: str, prompts: list[str], *, dtype: str, max_tokens: int 
         for o in outs:
             c = o.outputs[0]
             toks = list(c.token_ids)
-            gens.append(Generation(list(o.prompt_token_ids), toks, [c.logprobs[i][t].logprob for i, t in enumerate(toks)],
-                                   c.text))
+            logprobs = [c.logprobs[i][t].logprob for i, t in enumerate(toks)]
+            gens.append(Generation(list(o.prompt_token_ids), toks, logprobs, c.text))
         return gens
     finally:
         del llm
@@ -268,8 +268,8 @@ def check_layers(model_dir: str, records: list[LayerRecord], *, dtype: str, mode
                                 for p in ("gate_proj", "up_proj", "down_proj")})
             ref = moe_forward(r.algo, _np(x), experts, _np(w.float()), ids_np, dtype=dt, group_size=g)
             ref = ref.astype(np.float64)
-            out.append(LayerCheck(r.prefix, r.algo, int(y.size), int((y != ref).sum()), float(np.abs(y - ref).max()), 0.0,
-                                  float(np.abs(ref).max())))
+            out.append(LayerCheck(r.prefix, r.algo, int(y.size), int((y != ref).sum()),
+                                  float(np.abs(y - ref).max()), 0.0, float(np.abs(ref).max())))
     return out
 
 

@@ -74,7 +74,8 @@ def test_algorithm_map_refuses_duplicates_and_lists_supported_ids():
         registry.register_method("W8A8_DYNAMIC", "linear")(type("Dup", (), {}))
     with pytest.raises(ValueError, match=r"'W8A8S' is not supported for linear layers; supported: .*W4A16.*W8A8_MIX"):
         registry.get_method_class("W8A8S", "linear")
-    with pytest.raises(ValueError, match="W4A4_DYNAMIC' is not supported for moe layers; supported: W4A16, W4A8_DYNAMIC"):
+    with pytest.raises(ValueError,
+                       match="W4A4_DYNAMIC' is not supported for moe layers; supported: W4A16, W4A8_DYNAMIC"):
         registry.get_method_class("W4A4_DYNAMIC", "moe")
     with pytest.raises(ValueError, match="unknown layer type 'attention'"):
         registry.register_method("W8A8", "attention")
@@ -147,7 +148,8 @@ def test_get_quant_method_names_disagreeing_shards():
     from vllm.model_executor.layers.linear import QKVParallelLinear
 
     cfg = make_config(dense_desc(k="W8A16"))
-    with pytest.raises(ValueError, match=r"q_proj.weight=W8A8_DYNAMIC, .*k_proj.weight=W8A16, .*v_proj.weight=W8A8_DYNAMIC"):
+    with pytest.raises(ValueError,
+                       match=r"q_proj.weight=W8A8_DYNAMIC, .*k_proj.weight=W8A16, .*v_proj.weight=W8A8_DYNAMIC"):
         cfg.get_quant_method(bare(QKVParallelLinear), f"{L0}.self_attn.qkv_proj")
 
 

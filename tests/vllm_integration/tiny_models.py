@@ -3,7 +3,8 @@
 ``build_tiny_model(out_dir, arch)`` writes a float32 Hugging Face model directory (config.json,
 model.safetensors, tokenizer files): a byte-level BPE tokenizer trained on a few sentences
 (vocab ~400) and random weights from a fixed seed. ``arch``: "llama", "qwen2" (q/k/v biases)
-or "qwen3_moe" (4 experts, top-2). Hidden size 128, 2 layers, 4 heads of 32 (2 KV heads; vLLM CPU attention needs head_dim >= 32).
+or "qwen3_moe" (4 experts, top-2). Hidden size 128, 2 layers, 4 heads of 32 (2 KV heads; vLLM's
+CPU attention needs head_dim >= 32).
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def build_tiny_model(out_dir: str, arch: str = "llama", *, seed: int = 0, hidden
         cfg = transformers.Qwen2Config(intermediate_size=2 * hidden, **common)
         cls = transformers.Qwen2ForCausalLM
     elif arch == "qwen3_moe":
-        cfg = transformers.Qwen3MoeConfig(intermediate_size=2 * hidden, moe_intermediate_size=hidden // 2, num_experts=4,
+        cfg = transformers.Qwen3MoeConfig(intermediate_size=2 * hidden, moe_intermediate_size=hidden // 2,
+                                          num_experts=4,
                                           num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[],
                                           norm_topk_prob=True, **common)
         cls = transformers.Qwen3MoeForCausalLM

@@ -40,6 +40,7 @@ from ..reference import algorithms as A
 from ..reference import weight_quant as wq
 from ..reference.rounding import model_dtype, round_to_dtype
 from .description import FLOAT, PACKED_MODULES_MODEL_MAPPING, QuantDescription
+from .calibration_forward import observe_module_inputs
 from .io import write_quantized_model
 from .quantize_model import (
     _EXPERT_RE,
@@ -172,39 +173,21 @@ def collect_input_ranges(src_dir: str, token_ids: Sequence[Sequence[int]], linea
     per-tensor min/max statistic uses, so keeping only it gives identical parameters.
     ``full_prefixes``: modules whose full input ``[tokens, K]`` (float32) is returned too
     (FlatQuant calibration); a prefix must not be in both lists."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(src_dir, dtype=torch.float32)
-    model.eval()
     ranges: dict[str, list[float]] = {}
     full: dict[str, list[np.ndarray]] = {}
     wanted_lin, wanted_exp = set(linear_prefixes), set(experts_prefixes) | set(full_prefixes)
     if wanted_lin & wanted_exp:
         raise ValueError(f"calibration: {sorted(wanted_lin & wanted_exp)[:3]} asked for both ranges and full inputs")
-    hooks = []
-    for name, module in model.named_modules():
-        if name in wanted_lin:
-            def hook(mod, args, name=name):
-                x = args[0].detach().to(torch.float32)
-                lo, hi = float(x.min()), float(x.max())
-                r = ranges.setdefault(name, [lo, hi])
-                r[0], r[1] = min(r[0], lo), max(r[1], hi)
-            hooks.append(module.register_forward_pre_hook(hook))
-        elif name in wanted_exp:
-            def hook_full(mod, args, name=name):
-                x = args[0].detach().to(torch.float32)
-                full.setdefault(name, []).append(x.reshape(-1, x.shape[-1]).numpy().copy())
-            hooks.append(module.register_forward_pre_hook(hook_full))
-    try:
-        with torch.no_grad():
-            for ids in token_ids:
-                model(torch.tensor([list(ids)], dtype=torch.long))
-    finally:
-        for h in hooks:
-            h.remove()
+
+    def track_range(name: str, x: np.ndarray) -> None:
+        lo, hi = float(x.min()), float(x.max())
+        r = ranges.setdefault(name, [lo, hi])
+        r[0], r[1] = min(r[0], lo), max(r[1], hi)
+
+    observers = {name: (lambda x, name=name: track_range(name, x)) for name in wanted_lin}
+    observers.update({name: full.setdefault(name, []).append for name in wanted_exp})
+    observe_module_inputs(src_dir, token_ids, observers)
+    full = {k: v for k, v in full.items() if v}
     missing = sorted((wanted_lin - set(ranges)) | (wanted_exp - set(full)))
     if missing:
         raise ValueError(f"calibration: the float model never ran module(s) {missing[:3]} "

@@ -33,6 +33,7 @@ from ..reference import algorithms as A
 from ..reference import weight_quant as wq
 from ..reference.flatquant import decompose_dim
 from .description import FLOAT, QuantDescription
+from .calibration_forward import observe_module_inputs
 from .io import read_safetensors, write_quantized_model
 
 __all__ = [
@@ -196,31 +197,16 @@ def collect_activations(src_dir: str | os.PathLike, token_ids: Sequence[Sequence
     An ``experts`` module's input is its MoE block input (all tokens, before routing).
     """
     import torch
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(os.fspath(src_dir), dtype=torch.float32)
-    model.eval()
     wanted = set(prefixes) if prefixes is not None else None
     store: dict[str, list[np.ndarray]] = {}
-    hooks = []
-    for name, module in model.named_modules():
-        take = (name in wanted) if wanted is not None else (
-            isinstance(module, torch.nn.Linear) or name.endswith(".experts"))
-        if not take:
-            continue
 
-        def hook(mod, args, name=name):
-            x = args[0].detach().to(torch.float32)
-            store.setdefault(name, []).append(x.reshape(-1, x.shape[-1]).numpy().copy())
+    def select(name: str, module) -> bool:
+        if wanted is not None:
+            return name in wanted
+        return isinstance(module, torch.nn.Linear) or name.endswith(".experts")
 
-        hooks.append(module.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            for ids in token_ids:
-                model(torch.tensor([list(ids)], dtype=torch.long))
-    finally:
-        for h in hooks:
-            h.remove()
+    observe_module_inputs(src_dir, token_ids, select, lambda name, x: store.setdefault(name, []).append(x))
     return {k: np.concatenate(v, axis=0) for k, v in store.items()}
 
 

@@ -28,6 +28,7 @@ import ml_dtypes
 import numpy as np
 
 from .description import DESCRIPTION_FILE, FLOAT, QuantDescription
+from .errors import CheckpointError
 
 __all__ = [
     "DESCRIPTION_FILE",
@@ -43,6 +44,8 @@ __all__ = [
 
 WEIGHTS_INDEX_FILE = "quant_model_weights.safetensors.index.json"
 _DEFAULT_SHARD_BYTES = 5 * 2**30
+#: The header size limit of the ``safetensors`` library (its ``HeaderTooLarge``).
+_MAX_HEADER_BYTES = 100_000_000
 
 #: Non-weight files copied from the source model directory (config, generation config,
 #: tokenizer and chat-template files).
@@ -72,42 +75,100 @@ def shard_file_name(index: int, count: int) -> str:
 # ---------------------------------------------------------------------------------------
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All tensors of one ``.safetensors`` file as read-only NumPy memory maps (no copy).
+    """All tensors of one ``.safetensors`` file as read-only NumPy views of one memory map.
 
-    Raises ``ValueError`` for a malformed header or an unsupported dtype (naming the tensor).
+    The header is checked by the rules of the ``safetensors`` library that vLLM loads shards
+    with, so that a file accepted here is also accepted there: an 8-byte little-endian header
+    length (at most 100 MB and within the file), a UTF-8 JSON object, ``__metadata__`` (if
+    present) a ``{str: str}`` object, each tensor ``{"dtype", "shape", "data_offsets"}`` with a
+    known dtype, non-negative integer dimensions and two offsets whose span holds exactly the
+    tensor's bytes, the tensors tiling the data area with no gap, overlap or trailing bytes.
+    Any violation raises :class:`~checkpoint.errors.CheckpointError` naming the file and, where
+    one is at fault, the tensor. The file is mapped once (one file descriptor per shard, not one
+    per tensor) in read-only mode; nothing is read until a tensor's values are used.
     """
     path = os.fspath(path)
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+            raise CheckpointError(path, None, "not a safetensors file (shorter than 8 bytes)")
         (n,) = struct.unpack("<Q", raw)
         if n > size - 8:
-            raise ValueError(f"{path}: header length {n} exceeds the file size {size}")
+            raise CheckpointError(path, None, f"header length {n} exceeds the file size {size}")
+        if n > _MAX_HEADER_BYTES:
+            raise CheckpointError(path, None, f"header length {n} exceeds the safetensors limit of "
+                                              f"{_MAX_HEADER_BYTES} bytes")
         try:
-            header = json.loads(f.read(n))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: malformed safetensors header: {e}") from None
-    out: dict[str, np.ndarray] = {}
-    base = 8 + n
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(path, None, f"malformed safetensors header (not UTF-8 JSON): {e}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(path, None, f"malformed safetensors header: expected a JSON object, found "
+                                          f"{type(header).__name__}")
+    data_bytes = size - 8 - n
+    specs: list[tuple[int, int, str, np.dtype, tuple[int, ...]]] = []
     for name, spec in header.items():
         if name == "__metadata__":
+            if not isinstance(spec, dict) or not all(isinstance(v, str) for v in spec.values()):
+                raise CheckpointError(path, "__metadata__", f"expected an object of strings, found {spec!r:.80}")
             continue
-        dt = _ST_DTYPES.get(spec.get("dtype"))
-        if dt is None:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {spec.get('dtype')!r}")
-        shape = tuple(int(d) for d in spec["shape"])
-        begin, end = (int(v) for v in spec["data_offsets"])
-        count = int(np.prod(shape, dtype=np.int64))
-        if end - begin != count * dt.itemsize or base + end > size:
-            raise ValueError(f"{path}: tensor {name!r}: data_offsets {spec['data_offsets']} do not match "
-                             f"shape {list(shape)} of {spec['dtype']}")
-        if count == 0:
+        specs.append(_tensor_spec(path, name, spec))
+    # the tensors must tile the data area exactly (safetensors' "invalid offset" / "incomplete metadata")
+    end_so_far = 0
+    for begin, end, name, _, _ in sorted(specs, key=lambda t: (t[0], t[1])):
+        if begin != end_so_far:
+            what = "overlaps the previous tensor" if begin < end_so_far else "leaves a gap after the previous tensor"
+            raise CheckpointError(path, name, f"data_offsets start at {begin}, expected {end_so_far}: the tensor "
+                                              f"{what} (safetensors stores tensors back to back)")
+        end_so_far = end
+    if end_so_far != data_bytes:
+        raise CheckpointError(path, None, f"the tensors cover {end_so_far} data bytes but the file holds {data_bytes} "
+                                          "after the header (truncated or trailing bytes)")
+    out: dict[str, np.ndarray] = {}
+    whole = np.memmap(path, dtype=np.uint8, mode="r") if data_bytes else None
+    base = 8 + n
+    for begin, end, name, dt, shape in specs:
+        if begin == end:
             out[name] = np.zeros(shape, dtype=dt)
+            out[name].flags.writeable = False
         else:
-            out[name] = np.memmap(path, dtype=dt, mode="r", offset=base + begin, shape=shape)
+            out[name] = whole[base + begin: base + end].view(dt).reshape(shape)
     return out
+
+
+def _tensor_spec(path: str, name: str, spec) -> tuple[int, int, str, np.dtype, tuple[int, ...]]:
+    """``(begin, end, name, dtype, shape)`` of one header entry, checked (see :func:`read_safetensors`)."""
+    if not isinstance(spec, dict):
+        raise CheckpointError(path, name, f"header entry must be an object with dtype, shape and data_offsets, "
+                                          f"found {spec!r:.80}")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in spec]
+    if missing:
+        raise CheckpointError(path, name, f"header entry lacks {', '.join(missing)}")
+    dtype_name = spec["dtype"]
+    dt = _ST_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+    if dt is None:
+        raise CheckpointError(path, name, f"unsupported dtype {dtype_name!r:.40}; expected one of "
+                                          f"{', '.join(_ST_DTYPES)}")
+    shape, offsets = spec["shape"], spec["data_offsets"]
+    if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
+        raise CheckpointError(path, name, f"shape must be a list of non-negative integers, found {shape!r:.80}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_uint(v) for v in offsets)
+            and offsets[0] <= offsets[1]):
+        raise CheckpointError(path, name, f"data_offsets must be [begin, end] with 0 <= begin <= end, "
+                                          f"found {offsets!r:.80}")
+    count = 1
+    for d in shape:
+        count *= d
+    begin, end = offsets
+    if end - begin != count * dt.itemsize:
+        raise CheckpointError(path, name, f"data_offsets {offsets} do not match shape {shape} of {dtype_name} "
+                                          f"({count * dt.itemsize} bytes)")
+    return begin, end, name, dt, tuple(shape)
+
+
+def _is_uint(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**64
 
 
 @dataclass
@@ -129,47 +190,74 @@ class QuantizedCheckpoint:
         return self.description.layer_algorithm(prefix, packed_modules)
 
 
+def _load_json(model_dir: str, fn: str, what: str):
+    try:
+        with open(os.path.join(model_dir, fn), encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(model_dir, fn, f"invalid JSON ({what}): {e.msg} at line {e.lineno} column {e.colno}"
+                              ) from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(model_dir, fn, f"not UTF-8 text ({what}): {e}") from None
+    except OSError as e:
+        raise CheckpointError(model_dir, fn, f"unreadable ({what}): {e.strerror or e}") from None
+
+
 def _weight_files(model_dir: str) -> list[str]:
-    index = os.path.join(model_dir, WEIGHTS_INDEX_FILE)
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{index}: missing 'weight_map'")
+    if os.path.isfile(os.path.join(model_dir, WEIGHTS_INDEX_FILE)):
+        index = _load_json(model_dir, WEIGHTS_INDEX_FILE, "the weights index")
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(model_dir, WEIGHTS_INDEX_FILE, "expected an object with 'weight_map': "
+                                                                 "{tensor name: shard file}")
         files = sorted(set(weight_map.values()))
         missing = [fn for fn in files if not os.path.isfile(os.path.join(model_dir, fn))]
         if missing:
-            raise FileNotFoundError(f"{index}: shard(s) listed but missing: {missing}")
+            raise CheckpointError(model_dir, WEIGHTS_INDEX_FILE, f"shard(s) listed but missing: {missing}")
         return [os.path.join(model_dir, fn) for fn in files]
     files = sorted(fn for fn in os.listdir(model_dir)
                    if fn.startswith("quant_model_weight") and fn.endswith(".safetensors"))
     if not files:
-        raise FileNotFoundError(f"{model_dir}: no quant_model_weight*.safetensors files")
+        raise CheckpointError(model_dir, None, "no quant_model_weight*.safetensors files")
     return [os.path.join(model_dir, fn) for fn in files]
 
 
-def read_quantized_model(model_dir: str | os.PathLike, *, check_entries: bool = True) -> QuantizedCheckpoint:
+def read_quantized_model(model_dir: str | os.PathLike, *, check_entries: bool = True,
+                         validate: bool = False) -> QuantizedCheckpoint:
     """Open a quantized model directory without modifying it.
 
     Reads the description, ``config.json`` (``{}`` if absent) and every shard (memory-mapped,
     read-only). With ``check_entries`` every tensor must have a description entry and every
-    entry a tensor (``ValueError`` lists the first offenders), as msModelSlim writes them.
+    entry a tensor, as msModelSlim writes them. With ``validate`` the directory first goes
+    through :func:`checkpoint.validate.validate_checkpoint` (every layer's tensors against its
+    algorithm, values included), so that what is returned can be run. Every problem with the
+    directory raises :class:`~checkpoint.errors.CheckpointError` (a ``ValueError``) naming it.
     """
     model_dir = os.fspath(model_dir)
-    desc = QuantDescription.load(model_dir)
+    if validate:
+        from .validate import validate_checkpoint
+
+        validate_checkpoint(model_dir, raise_errors=True)
+    if not os.path.isfile(os.path.join(model_dir, DESCRIPTION_FILE)):
+        raise CheckpointError(model_dir, DESCRIPTION_FILE, "missing (msModelSlim writes it next to the weights)")
+    data = _load_json(model_dir, DESCRIPTION_FILE, "the quantization description")
+    try:
+        desc = QuantDescription.from_dict(data, source=os.path.join(model_dir, DESCRIPTION_FILE))
+    except ValueError as e:
+        raise CheckpointError(model_dir, DESCRIPTION_FILE, str(e).split(": ", 1)[-1]) from None
     tensors: dict[str, np.ndarray] = {}
     for path in _weight_files(model_dir):
         for name, arr in read_safetensors(path).items():
             if name in tensors:
-                raise ValueError(f"{path}: tensor {name!r} appears in more than one shard")
+                raise CheckpointError(path, name, "tensor appears in more than one shard")
             tensors[name] = arr
     if check_entries:
         _check_entries(tensors.keys(), desc, model_dir)
-    cfg_path = os.path.join(model_dir, "config.json")
     config = {}
-    if os.path.isfile(cfg_path):
-        with open(cfg_path, encoding="utf-8") as f:
-            config = json.load(f)
+    if os.path.isfile(os.path.join(model_dir, "config.json")):
+        config = _load_json(model_dir, "config.json", "the model config")
+        if not isinstance(config, dict):
+            raise CheckpointError(model_dir, "config.json", f"expected a JSON object, found {type(config).__name__}")
     return QuantizedCheckpoint(model_dir, desc, tensors, config)
 
 
@@ -184,7 +272,7 @@ def _check_entries(names: Iterable[str], desc: QuantDescription, where: str) -> 
             parts.append(f"{len(no_entry)} tensor(s) without a description entry (e.g. {no_entry[:3]})")
         if no_tensor:
             parts.append(f"{len(no_tensor)} description entr(y/ies) without a tensor (e.g. {no_tensor[:3]})")
-        raise ValueError(f"{where}: " + "; ".join(parts))
+        raise CheckpointError(where, None, "; ".join(parts))
 
 
 # ---------------------------------------------------------------------------------------

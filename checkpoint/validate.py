@@ -14,16 +14,29 @@ description entries against the tensors in the shards (both directions), and the
 * what that table cannot express: integral ``input_offset`` in [-128, 127], the int4 range of the
   unpacked W4A8 layout, the group size against K and the scale's group count, W4A16
   ``weight_shape``, FlatQuant factor shapes (:func:`reference.flatquant.transform_shapes`), the
-  float bias (float dtype, shape ``(N,)``), FLOAT modules stored as floats;
+  float bias (float dtype, shape ``(N,)``), FLOAT modules stored as floats; a group size that
+  does not divide K (a ragged last group is ambiguous in a checkpoint: several group sizes fit
+  the same scales); W8A8 ``quant_bias`` that could push the int32 accumulator out of range;
+  values that break once held in the model dtype (``config.json``'s, float32 if absent):
+  scales rounding to 0 or inf, an infinite static ``1/input_scale``, W4A8 per-group scales
+  ``weight_scale * weight_scale_second`` out of float32, overflowing FlatQuant factors or biases;
 * fused shards (q/k/v, gate/up, every expert of one MoE layer) share one algorithm ID, and the
   per-tensor parameters vLLM loads once per fused layer (W8A8 ``input_scale``/``input_offset``,
-  FlatQuant ``left_trans``/``right_trans``/``clip_ratio``) are identical across the shards.
+  FlatQuant ``left_trans``/``right_trans``/``clip_ratio``) are identical across the shards;
+* every MoE experts block (all projections present for every expert) passes the MoE reference's
+  own load-time validation (:func:`reference.moe.moe_forward` on zero tokens: e.g. the W4A8
+  per-group scale rounded to fp16).
 
 :func:`check_tensors` runs the same checks on a description dict and any mapping of tensor name ->
-array (e.g. a lazy reader), for the vLLM integration at load time. Nothing is ever written: shards
-are opened by :func:`checkpoint.io.read_safetensors` as read-only memory maps, so only the tensors a
-check touches are read. All problems are collected; :meth:`CheckpointReport.raise_if_errors` raises
-them as one :class:`~checkpoint.errors.CheckpointError`.
+array (e.g. a lazy reader). The vLLM integration runs :func:`validate_checkpoint` at load time
+(``vllm_integration.config``), ``ascend-quant inspect`` prints its report. Nothing is ever
+written. Cost: shards are opened by :func:`checkpoint.io.read_safetensors` (header parsed, the file
+memory-mapped read-only, one map per shard), so only the tensors a check touches are read: the
+headers always; with ``check_values`` the scales, offsets, biases and FlatQuant factors (small),
+and in full only int4 weights stored one per byte (W4A4_DYNAMIC, FlatQuant, unpacked W4A8), about
+0.4 s/GiB from the page cache; int8 and packed int4 weights are not read (a W8A8 weight only when
+its ``quant_bias`` lies within 128 * 128 * K of the int32 limit). All problems are collected;
+:meth:`CheckpointReport.raise_if_errors` raises them as one :class:`~checkpoint.errors.CheckpointError`.
 """
 
 from __future__ import annotations
@@ -39,9 +52,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..reference import algorithms as A
+from ..reference.activation_quant import static_quant_params
 from ..reference.flatquant import transform_shapes
 from ..reference.linear import EXPECTED_TENSORS, validate_tensors
-from ..reference.rounding import INT4_MAX, INT4_MIN, INT8_MAX, INT8_MIN
+from ..reference.moe import moe_forward
+from ..reference.rounding import INT4_MAX, INT4_MIN, INT8_MAX, INT8_MIN, round_through
+from ..reference.rounding import model_dtype as parse_model_dtype
 from .description import (
     DESCRIPTION_FILE,
     FLOAT,
@@ -61,6 +77,7 @@ __all__ = [
 ]
 
 _FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 #: Fused names checked for every model type, on top of the model type's own mapping.
 _DEFAULT_FUSED = {
     "qkv_proj": ("q_proj", "k_proj", "v_proj"),
@@ -171,7 +188,11 @@ class _Collector:
 # files
 # ---------------------------------------------------------------------------------------
 
+_UNREADABLE = object()
+
+
 def _load_json(path: str, c: _Collector, what: str):
+    """The parsed file (``null`` included), or :data:`_UNREADABLE` after reporting why."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -179,18 +200,20 @@ def _load_json(path: str, c: _Collector, what: str):
         c.error(os.path.basename(path), f"invalid JSON ({what}): {e.msg} at line {e.lineno} column {e.colno}")
     except UnicodeDecodeError as e:
         c.error(os.path.basename(path), f"not UTF-8 text ({what}): {e}")
-    return None
+    except OSError as e:
+        c.error(os.path.basename(path), f"unreadable ({what}): {e.strerror or e}")
+    return _UNREADABLE
 
 
 def _read_shard(path: str, c: _Collector) -> dict[str, np.ndarray] | None:
     try:
         return read_safetensors(path)
-    except (ValueError, KeyError, TypeError, OSError) as e:
-        msg = str(e)
-        if msg.startswith(path):
-            msg = msg[len(path):].lstrip(": ")
-        c.error(os.path.basename(path), f"unreadable safetensors file: {msg}")
-        return None
+    except CheckpointError as e:
+        msg = f"{e.key}: {e.problem}" if e.key else e.problem
+    except OSError as e:
+        msg = f"{type(e).__name__}: {e.strerror or e}"
+    c.error(os.path.basename(path), f"unreadable safetensors file: {msg}")
+    return None
 
 
 def _read_weights(model_dir: str, c: _Collector) -> tuple[dict[str, np.ndarray], set[str]]:
@@ -205,7 +228,7 @@ def _read_weights(model_dir: str, c: _Collector) -> tuple[dict[str, np.ndarray],
     weight_map: dict[str, str] | None = None
     if os.path.isfile(index_path):
         index = _load_json(index_path, c, "the weights index")
-        if index is not None:
+        if index is not _UNREADABLE:
             wm = index.get("weight_map") if isinstance(index, dict) else None
             if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
                 c.error(WEIGHTS_INDEX_FILE, "expected an object with 'weight_map': {tensor name: shard file}, "
@@ -277,7 +300,7 @@ def validate_checkpoint(model_dir: str | os.PathLike, *, check_values: bool = Tr
                                   "(msModelSlim writes it next to the weights)")
     else:
         data = _load_json(desc_path, c, "the quantization description")
-        if data is not None:
+        if data is not _UNREADABLE:
             try:
                 desc = QuantDescription.from_dict(data, source=DESCRIPTION_FILE)
             except ValueError as e:
@@ -289,7 +312,7 @@ def validate_checkpoint(model_dir: str | os.PathLike, *, check_values: bool = Tr
         loaded = _load_json(cfg_path, c, "the model config")
         if isinstance(loaded, dict):
             config = loaded
-        elif loaded is not None:
+        elif loaded is not _UNREADABLE:
             c.error("config.json", f"expected a JSON object, found {type(loaded).__name__}")
     else:
         c.warn("config.json", "missing (msModelSlim copies the float model's config.json; vLLM needs it)")
@@ -405,15 +428,37 @@ def _check(desc: QuantDescription, tensors: Mapping[str, np.ndarray], config: Ma
             report.other_bytes += int(tensors[name].nbytes)
             report.other_bf16_bytes += _bf16_bytes(tensors[name])
 
-    text_config = config.get("text_config") or config
-    model_dtype = str(text_config.get("torch_dtype") or text_config.get("dtype") or config.get("dtype") or "")
+    model_type, model_dtype = _config_facts(config, c)
     for prefix in modules:
         if any(n in lost for n in members[prefix].values()):
             c.report.modules[prefix] = ModuleInfo(prefix, desc.get(prefix + ".weight", "?"))
             continue
         _check_module(prefix, members[prefix], desc, tensors, c, check_values, model_dtype)
 
-    _check_fused(desc, tensors, config, c, check_values)
+    _check_fused(desc, tensors, model_type, c, check_values)
+    dt = _model_dtype_or_none(model_dtype)
+    if check_values and dt is not None:
+        _check_moe_blocks(desc, tensors, dt, c)
+
+
+def _config_facts(config: Mapping, c: _Collector) -> tuple[str | None, str]:
+    """``(model_type, model dtype name)`` from ``config.json`` (the text config of a multimodal
+    one); values of the wrong JSON type are reported and ignored."""
+    text = config.get("text_config")
+    if text is not None and not isinstance(text, Mapping):
+        c.error("config.json", f"'text_config' must be a JSON object, found {text!r:.60}")
+        text = None
+    found: dict[str, str] = {}
+    for where, cfg in (("text_config.", text or {}), ("", config)):
+        for key in ("model_type", "torch_dtype", "dtype"):
+            v = cfg.get(key)
+            if v is None:
+                continue
+            if not isinstance(v, str):
+                c.error("config.json", f"'{where}{key}' must be a string, found {v!r:.60}")
+                continue
+            found.setdefault("model_type" if key == "model_type" else "dtype", v)
+    return found.get("model_type"), found.get("dtype", "")
 
 
 def _bf16_bytes(a) -> int:
@@ -518,8 +563,11 @@ def _check_module(prefix: str, suffixes: dict[str, str], desc: QuantDescription,
         info.bf16_bytes = n * k * 2
 
     _check_group_size(prefix, algo, layer, dims, k, desc.group_size, c)
+    dt = _model_dtype_or_none(model_dtype)
     if check_values:
         _check_extra_values(prefix, algo, layer, dims, c)
+        if dt is not None and expert_of is None:
+            _check_model_dtype_values(prefix, algo, layer, dt, c)
     if algo == A.W4A4_FLATQUANT_DYNAMIC and k is not None:
         try:
             transform_shapes(layer["left_trans"], layer.get("right_trans"), k)
@@ -541,6 +589,18 @@ def _check_module(prefix: str, suffixes: dict[str, str], desc: QuantDescription,
             c.error(name, f"expected shape (N,) = ({n},), found {tuple(a.shape)}")
         elif check_values and not np.isfinite(np.asarray(a, dtype=np.float64)).all():
             c.error(name, "values must be finite, found NaN or inf")
+        elif check_values and dt is not None and not np.isfinite(round_through(a, dt)).all():
+            c.error(name, f"expected values finite in the model dtype {dt} (the layer holds the bias in it), "
+                          f"found a value that overflows it")
+
+
+def _model_dtype_or_none(name: str):
+    """The model dtype named by ``config.json`` (float32 when it names none), or None when it
+    names another type (then the checks that depend on it are skipped)."""
+    try:
+        return parse_model_dtype(name or "float32")
+    except ValueError:
+        return None
 
 
 def _header_only(algo: str, suffix: str, a) -> np.ndarray:
@@ -613,7 +673,11 @@ def _check_group_size(prefix: str, algo: str, layer, dims, k: int | None, g: int
     if -(-k // g) != groups:
         c.error(name, f"group_size {g} gives ceil(K/g) = {-(-k // g)} groups for K = {k}, found {groups}")
     elif k % g:
-        c.warn(name, f"group_size {g} does not divide K = {k}: ragged last group (msModelSlim never writes it)")
+        # The reference and the kernels compute a ragged last group, but in a checkpoint it is
+        # ambiguous: every group size g' with ceil(K/g') = G gives the same scale shape, so a
+        # wrong group_size would load silently. msModelSlim always writes whole groups.
+        c.error(name, f"group_size {g} does not divide K = {k}: expected a divisor of K (msModelSlim writes whole "
+                      f"groups; with a ragged last group any group size giving {groups} groups fits these scales)")
 
 
 def _check_extra_values(prefix: str, algo: str, layer, dims, c: _Collector) -> None:
@@ -622,6 +686,8 @@ def _check_extra_values(prefix: str, algo: str, layer, dims, c: _Collector) -> N
         if not (np.all(o == np.rint(o)) and np.all((o >= INT8_MIN) & (o <= INT8_MAX))):
             c.error(f"{prefix}.input_offset", f"expected an integer in [{INT8_MIN}, {INT8_MAX}] "
                                               f"(int8 zero point), found {o.tolist()}")
+    if algo in (A.W8A8, A.W8A8_MIX):
+        _check_quant_bias_headroom(prefix, layer, dims["K"], c)
     if algo == A.W4A8_DYNAMIC:
         w = layer["weight"]
         if w.shape[0] == dims["N"] and w.size:
@@ -631,8 +697,127 @@ def _check_extra_values(prefix: str, algo: str, layer, dims, c: _Collector) -> N
                                             f"in [{INT4_MIN}, {INT4_MAX}], found range [{lo}, {hi}]")
 
 
-def _check_fused(desc: QuantDescription, tensors, config: Mapping, c: _Collector, check_values: bool) -> None:
-    model_type = (config.get("text_config") or {}).get("model_type") or config.get("model_type")
+def _check_quant_bias_headroom(prefix: str, layer, k: int, c: _Collector) -> None:
+    """``acc + quant_bias`` must stay in int32 for every int8 input (the reference raises
+    ``OverflowError`` at run time, the NPU would wrap silently): cheap bound first
+    (``|q_x * w| <= 128 * 128``), the exact per-row range over int8 inputs only if it fails."""
+    qb = np.asarray(layer["quant_bias"]).astype(np.int64).reshape(-1)
+    if qb.size == 0 or int(np.max(np.abs(qb))) <= INT32_MAX - 128 * 128 * k:
+        return
+    w = layer["weight"]
+    hi = np.empty(w.shape[0], np.int64)
+    lo = np.empty(w.shape[0], np.int64)
+    for r in range(0, w.shape[0], 256):  # row blocks: bounded memory on large layers
+        b = np.asarray(w[r: r + 256]).astype(np.int64)
+        hi[r: r + 256] = np.maximum(INT8_MAX * b, INT8_MIN * b).sum(axis=1)  # largest accumulator over int8 x
+        lo[r: r + 256] = np.minimum(INT8_MAX * b, INT8_MIN * b).sum(axis=1)
+    bad = np.nonzero((qb + hi > INT32_MAX) | (qb + lo < INT32_MIN))[0]
+    if bad.size:
+        n = int(bad[0])
+        c.error(f"{prefix}.quant_bias", f"expected values that keep the int32 accumulator in range for every int8 "
+                                        f"input, found quant_bias[{n}] = {int(qb[n])}, which with row {n}'s weights "
+                                        f"reaches [{int(qb[n] + lo[n])}, {int(qb[n] + hi[n])}] "
+                                        f"({bad.size} such row(s); int32 is [{INT32_MIN}, {INT32_MAX}])")
+
+
+#: Linear tensors the reference (like vLLM Ascend) holds in the model dtype: loaded by ``copy_`` into
+#: a model-dtype parameter, i.e. rounded once (numerics §3); scales must stay finite and > 0 there,
+#: the others finite. W4A8_DYNAMIC, W4A4_DYNAMIC and FlatQuant weight scales stay float32.
+_MODEL_DTYPE_TENSORS = {
+    A.W8A16: ("weight_scale", "weight_offset"),
+    A.W4A16: ("weight_scale",),
+    A.W8A8: ("input_scale", "input_offset"),
+    A.W8A8_DYNAMIC: ("weight_scale",),
+    A.W8A8_MIX: ("weight_scale", "input_scale", "input_offset"),
+    A.W4A4_FLATQUANT_DYNAMIC: ("left_trans", "right_trans"),
+}
+
+
+def _check_model_dtype_values(prefix: str, algo: str, layer, dt, c: _Collector) -> None:
+    """What breaks once the values are held in the model dtype ``dt`` (the reference raises at the
+    first forward, vLLM would compute inf/NaN): the tensors of :data:`_MODEL_DTYPE_TENSORS`
+    rounded to ``dt``, the static ``1/input_scale`` (computed in ``dt``), and the W4A8 two-step
+    scale ``f32(weight_scale * weight_scale_second)``. Linear modules only: MoE experts are
+    checked by the MoE reference's own load-time rules (:func:`_check_moe_blocks`)."""
+    for suffix in _MODEL_DTYPE_TENSORS.get(algo, ()):
+        a = layer.get(suffix)
+        if a is None or a.size == 0:
+            continue
+        r = round_through(a, dt)
+        is_scale = suffix.endswith("scale")
+        bad = ~(np.isfinite(r) & (r > 0)) if is_scale else ~np.isfinite(r)
+        if bad.any():
+            i = np.unravel_index(int(np.argmax(bad)), r.shape)
+            c.error(f"{prefix}.{suffix}", f"expected values {'finite and > 0' if is_scale else 'finite'} in the model "
+                                          f"dtype {dt} (the layer holds it in {dt}), found "
+                                          f"{float(np.asarray(a, dtype=np.float32)[i])!r} at index "
+                                          f"{tuple(map(int, i))}, which becomes {float(r[i])!r}")
+            return
+    if algo in (A.W8A8, A.W8A8_MIX):
+        with np.errstate(over="ignore"):
+            recip, _ = static_quant_params(layer["input_scale"], layer["input_offset"], dt)
+        if not np.isfinite(recip):
+            c.error(f"{prefix}.input_scale", f"expected 1/input_scale finite in the model dtype {dt}, found "
+                                             f"input_scale {float(np.asarray(layer['input_scale']).reshape(-1)[0])!r} "
+                                             f"whose reciprocal is {float(recip)!r}")
+    if algo == A.W4A8_DYNAMIC and "weight_scale_second" in layer:
+        s1 = np.asarray(layer["weight_scale"], dtype=np.float32).reshape(-1, 1)
+        with np.errstate(over="ignore", under="ignore"):
+            prod = (s1 * np.asarray(layer["weight_scale_second"], dtype=np.float32)).astype(np.float32)
+        bad = ~(np.isfinite(prod) & (prod > 0))
+        if bad.any():
+            i = np.unravel_index(int(np.argmax(bad)), prod.shape)
+            c.error(f"{prefix}.weight_scale_second", f"expected weight_scale * weight_scale_second finite and > 0 in "
+                                                     f"float32 (the per-group scale), found {float(prod[i])!r} at "
+                                                     f"index {tuple(map(int, i))}")
+
+
+def _check_moe_blocks(desc: QuantDescription, tensors, dt, c: _Collector) -> None:
+    """Every MoE experts block whose projections passed the per-module checks goes through the MoE
+    reference's load-time validation (:func:`reference.moe.moe_forward` on zero tokens checks every
+    expert's shapes, scales after their load-time rounding, e.g. fp16 for W4A8 per-group, and
+    offsets without computing anything)."""
+    blocks: dict[str, dict[int, dict[str, dict[str, np.ndarray]]]] = defaultdict(lambda: defaultdict(dict))
+    algos: dict[str, set[str]] = defaultdict(set)
+    for prefix, info in c.report.modules.items():
+        m = _EXPERT.match(prefix)
+        if m is None:
+            continue
+        if not info.tensors:  # in a missing or unreadable shard (reported once, per shard)
+            algos[m["experts"]].add("<lost>")
+            continue
+        algos[m["experts"]].add(info.algorithm)
+        head = prefix + "."
+        blocks[m["experts"]][int(m["e"])][m["proj"]] = {
+            suffix: tensors[head + suffix] for suffix in info.tensors if suffix not in _FLOAT_EXTRAS}
+    for experts, by_index in blocks.items():
+        if len(algos[experts]) != 1 or any(k.startswith(experts + ".") for k in c.keys_with_errors):
+            continue  # reported already (fused shards disagree, or a projection failed its checks)
+        algo = next(iter(algos[experts]))
+        if algo not in A.MOE_ALGORITHMS:
+            continue
+        projections = set().union(*(set(p) for p in by_index.values()))
+        gaps = [f"{experts}.{e}.{p}" for e in range(max(by_index) + 1) for p in sorted(projections)
+                if p not in by_index.get(e, {})]
+        if gaps:
+            c.error(gaps[0], f"missing: the other experts of {experts} have a {gaps[0].rsplit('.', 1)[-1]} "
+                             f"projection ({len(gaps)} projection(s) missing, experts numbered 0..{max(by_index)})")
+            continue
+        expert_list = [by_index[e] for e in sorted(by_index)]
+        try:
+            hidden = int(expert_list[0]["down_proj"]["weight_scale"].shape[0])
+        except (KeyError, IndexError):
+            continue  # a projection is missing: reported by the per-module checks
+        try:
+            moe_forward(algo, np.zeros((0, hidden), dt), expert_list, np.zeros((0, 1), np.float32),
+                        np.zeros((0, 1), np.int64), dtype=dt, group_size=desc.group_size or None)
+        except ValueError as e:
+            key, _, problem = str(e).partition(": ")
+            parent = experts.rsplit(".", 1)[0]
+            c.error(f"{parent}.{key}" if key.startswith("experts.") else experts, problem if problem else str(e))
+
+
+def _check_fused(desc: QuantDescription, tensors, model_type: str | None, c: _Collector, check_values: bool) -> None:
     mapping = {**_DEFAULT_FUSED, **packed_modules_for(model_type)}
     candidates: dict[str, None] = {}
     shard_to_fused: dict[str, str] = {}

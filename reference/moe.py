@@ -239,7 +239,7 @@ def _check_scale(s: np.ndarray, name: str, after: str = "") -> None:
     if bad.any():
         i = tuple(int(v) for v in np.argwhere(bad)[0])
         what = f" after {after}" if after else ""
-        raise ValueError(f"{name}: scales must be finite and > 0{what}, found {s[i]!r} at index {i}")
+        raise ValueError(f"{name}: scales must be finite and > 0{what}, found {float(s[i])!r} at index {i}")
 
 
 def _check_zero(proj: Mapping, key: str, name: str, algo: str) -> None:

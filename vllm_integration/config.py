@@ -2,12 +2,26 @@
 
 How vLLM reaches it (vLLM 0.32, vllm-cpu-platform-notes.md):
 
-* ``--quantization ascend`` (``LLM(quantization="ascend")``): vLLM loads the model directory's
-  ``quant_model_description.json`` (:meth:`get_config_filenames`) and calls
-  :meth:`from_config` with it.
+* ``--quantization ascend`` (``LLM(quantization="ascend")``): :meth:`get_config_filenames` names
+  no file, so vLLM does not parse the description itself (it would fail on a missing or invalid
+  file with a bare ``json`` error naming neither file nor directory); it builds
+  ``AscendQuantConfig()`` and calls :meth:`maybe_update_config` with the model directory.
 * ``config.json`` with ``"quantization_config": {"quant_method": "ascend"}``: vLLM calls
-  :meth:`from_config` with that dict; the description is read in :meth:`maybe_update_config`.
+  :meth:`from_config` with that dict, then :meth:`maybe_update_config`.
   :meth:`override_quantization_method` claims exactly such configs and nothing else.
+
+**Load-time validation.** :meth:`maybe_update_config` runs in ``VllmConfig.__post_init__``, in the
+process that builds the engine config (``LLM()``'s, or the API server of ``vllm serve``), before
+the model is built and before any weight is read. For a local directory it runs the checkpoint
+validator of ``ascend-quant inspect`` (:func:`checkpoint.validate.validate_checkpoint`, the same
+code) and raises its :class:`~checkpoint.errors.CheckpointError`: every problem, each naming the
+directory, the tensor or key, what was expected and what was found. It parses the shard headers
+and reads only the tensors a value check needs (scales, offsets, biases, FlatQuant factors, int4
+weights stored one per byte) through one read-only memory map per shard; nothing is written.
+``ASCEND_QUANT_VALIDATE=headers`` limits it to names, dtypes and shapes (shard headers only).
+vLLM's pydantic config wraps a ``ValueError`` raised there into a ``ValidationError`` whose text
+holds the message; :func:`find_checkpoint_error` gets the original back (``ascend-quant serve``
+prints it and exits 1).
 
 :meth:`get_quant_method` resolves each layer's algorithm from the description (fused modules
 through :data:`checkpoint.description.PACKED_MODULES_MODEL_MAPPING`; all shards must agree),
@@ -19,6 +33,7 @@ except where noted in the methods.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import torch
@@ -26,15 +41,18 @@ from vllm.logger import init_logger
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 
 from ..checkpoint.description import DESCRIPTION_FILE, FLOAT, TOP_LEVEL_KEYS, QuantDescription, packed_modules_for
+from ..checkpoint.errors import CheckpointError
 from . import linear_method as _linear  # noqa: F401  (registers the linear methods)
 from . import moe_method as _moe  # noqa: F401  (registers the MoE methods)
 from .registry import get_method_class
 
 logger = init_logger(__name__)
 
-__all__ = ["ASCEND_QUANTIZATION_METHOD", "AscendQuantConfig"]
+__all__ = ["ASCEND_QUANTIZATION_METHOD", "VALIDATE_ENV", "AscendQuantConfig", "find_checkpoint_error"]
 
 ASCEND_QUANTIZATION_METHOD = "ascend"
+#: Environment variable choosing the load-time validation: "values" (default) or "headers".
+VALIDATE_ENV = "ASCEND_QUANT_VALIDATE"
 
 
 def _is_marker(cfg: Any) -> bool:
@@ -72,7 +90,9 @@ class AscendQuantConfig(QuantizationConfig):
 
     @staticmethod
     def get_config_filenames() -> list[str]:
-        return [DESCRIPTION_FILE]
+        # no file: vLLM then calls AscendQuantConfig() and maybe_update_config(model_dir), which
+        # reads and validates the description with the rest of the directory (module docstring)
+        return []
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> AscendQuantConfig:
@@ -94,6 +114,15 @@ class AscendQuantConfig(QuantizationConfig):
         if hf_config is not None:
             text = getattr(hf_config, "get_text_config", lambda: hf_config)()
             self.model_type = getattr(text, "model_type", None) or getattr(hf_config, "model_type", None)
+        if os.path.isdir(model_name):
+            report = _validate_model_dir(model_name)
+            if report.description is not None:
+                if self.description_or_none is None:
+                    self.description_or_none = QuantDescription.from_dict(
+                        report.description.to_dict(), source=os.path.join(model_name, DESCRIPTION_FILE))
+                self._check_unsupported()
+            report.raise_if_errors()
+            return
         if self.description_or_none is None:
             self.description_or_none = _find_description(model_name, revision)
         self._check_unsupported()
@@ -195,6 +224,47 @@ class AscendQuantConfig(QuantizationConfig):
                                  "are not supported (vLLM Ascend has none either)")
             return UnquantizedEmbeddingMethod()
         return None
+
+
+def _validate_model_dir(model_dir: str):
+    """:func:`checkpoint.validate.validate_checkpoint` of ``model_dir`` (warnings logged, errors in
+    the returned report), with the mode of :data:`VALIDATE_ENV`."""
+    from ..checkpoint.validate import validate_checkpoint
+
+    mode = os.environ.get(VALIDATE_ENV, "values").strip().lower() or "values"
+    if mode not in ("values", "headers"):
+        raise ValueError(f"{VALIDATE_ENV}={mode!r}: expected 'values' (default) or 'headers'")
+    t0 = time.perf_counter()
+    report = validate_checkpoint(model_dir, check_values=mode == "values")
+    for w in report.warnings:
+        logger.warning("%s: %s", model_dir, w)
+    logger.info("ascend quantization: validated %s (%s, %d modules) in %.2f s: %s", model_dir, mode,
+                len(report.modules), time.perf_counter() - t0,
+                "ok" if report.ok else f"{len(report.errors)} problem(s)")
+    return report
+
+
+def find_checkpoint_error(exc: BaseException | None) -> CheckpointError | None:
+    """The :class:`CheckpointError` behind ``exc``: itself, its ``__cause__``/``__context__`` chain,
+    or the error pydantic wrapped into a ``ValidationError`` (vLLM's configs are pydantic
+    dataclasses; a ``ValueError`` raised while one is built comes back wrapped). None if absent."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, CheckpointError):
+            return e
+        todo += [e.__cause__, e.__context__]
+        errors = getattr(e, "errors", None)
+        if callable(errors) and type(e).__name__ == "ValidationError":
+            try:
+                todo += [(err.get("ctx") or {}).get("error") for err in errors()]
+            except Exception:  # not pydantic's: nothing to unwrap
+                pass
+    return None
 
 
 def _find_description(model_name: str, revision: str | None) -> QuantDescription:

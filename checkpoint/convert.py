@@ -215,6 +215,21 @@ def _check_dirs(src_dir: str, out_dir: str, overwrite: bool) -> None:
             raise FileExistsError(f"{out_dir}: directory is not empty (pass --overwrite to replace its files)")
 
 
+def _check_group_divides(plan, float_tensors, recipe: QuantRecipe) -> None:
+    """Refuse a group size that does not divide a grouped layer's K up front (the validator,
+    and so vLLM, rejects such checkpoints: a ragged last group is ambiguous in the format)."""
+    for prefix, (_, algo) in plan.items():
+        if algo not in (A.W8A16, A.W4A8_DYNAMIC, A.W4A16):
+            continue
+        g = _effective_group(algo, recipe)
+        w = float_tensors.get(f"{prefix}.weight")
+        if g and w is not None:
+            k = int(np.shape(w)[-1])
+            if k % g:
+                raise ValueError(f"{prefix}.weight: group size {g} does not divide K = {k} "
+                                 f"({algo}); choose a divisor of every grouped layer's K")
+
+
 def _source_dtype(config: dict) -> str:
     text = config.get("text_config") or config
     dt = str(text.get("torch_dtype") or text.get("dtype") or config.get("torch_dtype") or config.get("dtype")
@@ -278,6 +293,7 @@ def quantize_directory(
     recipe = QuantRecipe(algorithm, overrides=tuple((g, FLOAT) for g in skip), group_size=group_size,
                          deq_scale_dtype=deq_dtype, flatquant_seed=flatquant_seed)
     plan = plan_layers(float_tensors, recipe)
+    _check_group_divides(plan, float_tensors, recipe)
     for g in skip:
         if not any(fnmatch.fnmatchcase(p, g) or fnmatch.fnmatchcase(p.rsplit(".", 2)[0], g) for p in plan):
             say(f"[quantize] warning: --skip {g!r} matched no layer")

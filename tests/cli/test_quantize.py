@@ -217,3 +217,11 @@ def test_unsupported_algorithm_is_an_argparse_error(models, tmp_path, capsys):
         main(["quantize", models["llama"], os.fspath(tmp_path / "q"), "--algo", "W8A8_MXFP8"])
     assert ei.value.code == 2
     assert "invalid choice: 'W8A8_MXFP8'" in capsys.readouterr().err
+
+
+def test_group_size_that_does_not_divide_k_is_refused_before_writing(models, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert _quantize(models["llama"], out, "--algo", "W4A16", "--group-size", "48", "--no-progress") != 0
+    err = capsys.readouterr().err
+    assert "group size 48 does not divide K = " in err and ".weight" in err, err
+    assert not out.exists() or not any(out.iterdir()), "nothing may be written for a refused group size"

@@ -43,6 +43,7 @@ from .int_gemm import INT_GEMM_KERNELS, IntGemm
 from .packing import unpack_int8_to_int4, unpack_int32_offset8_to_int4
 from .prepare import _to_numpy, _to_torch
 from .weight_only import WEIGHT_ONLY_KERNELS, WeightOnlyWeights
+from .weight_only_overflow import redo_overflowed_rows
 
 __all__ = [
     "PreparedMoE", "prepare_moe", "apply_moe", "route", "routing_scores", "select_experts", "swiglu",
@@ -630,7 +631,8 @@ def _weight_only_stage(p: PreparedMoE, which: str, rows: torch.Tensor, bounds) -
     n = wts[0].q.shape[0]
     out = torch.empty((rows.shape[0], n), dtype=p.dtype, device=rows.device)
     for e, start, end in bounds:
-        out[start:end] = run(wts[e], rows[start:end], None, p.dtype)
+        r = rows[start:end]
+        out[start:end] = redo_overflowed_rows(wts[e], r, run(wts[e], r, None, p.dtype), None)
     return out
 
 

@@ -49,9 +49,11 @@ def prepare_npu(algo, npt, dims, n, k, dt, bias, options):
                   quant_bias=_to_torch(npt["quant_bias"]).to(dev) if options["add_quant_bias"] else None)
 
         def fwd(p, x):
+            from .prepare import _nan_nonfinite_rows
+
             xq = torch_npu.npu_quantize(x, st["recip"], st["offset"], torch.qint8, -1, False)
-            return torch_npu.npu_quant_matmul(xq, st["weight"], st["deq_scale"], bias=st["quant_bias"],
-                                              output_dtype=dt)
+            return _nan_nonfinite_rows(x, torch_npu.npu_quant_matmul(xq, st["weight"], st["deq_scale"],
+                                                                     bias=st["quant_bias"], output_dtype=dt))
     elif algo in (A.W8A8_DYNAMIC, A.W8A8_MIX, A.W4A8_DYNAMIC):
         if algo == A.W4A8_DYNAMIC:
             if "weight_scale_second" in npt:

@@ -40,6 +40,7 @@ from .dispatch import WEIGHT_ONLY_M_RULE, Choice, backend_device, choose_kernel
 from .int_gemm import INT_GEMM_KERNELS, IntGemm
 from .packing import unpack_int8_to_int4, unpack_int32_offset8_to_int4
 from .weight_only import WEIGHT_ONLY_KERNELS, WeightOnlyWeights
+from .weight_only_overflow import redo_overflowed_rows
 
 __all__ = ["PreparedLinear", "prepare_linear", "apply_linear"]
 
@@ -229,7 +230,20 @@ def _fwd_w4a8_grouped(p: PreparedLinear, x: torch.Tensor) -> torch.Tensor:
     return _pertoken_epilogue(t64.to(torch.float32), s_tok, st.get("bias32"), p.dtype)
 
 
+def _nan_nonfinite_rows(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Static quantization saturates per element; a row of ``x`` holding NaN or +-inf still
+    gives a NaN row of ``y`` (``reference.linear.w8a8_static_linear``). One pass over ``x``."""
+    finite = torch.isfinite(x).all(dim=1)
+    if not bool(finite.all()):
+        y[~finite] = float("nan")
+    return y
+
+
 def _fwd_static(p: PreparedLinear, x: torch.Tensor) -> torch.Tensor:
+    return _nan_nonfinite_rows(x, _static_rows(p, x))
+
+
+def _static_rows(p: PreparedLinear, x: torch.Tensor) -> torch.Tensor:
     st = p.state
     gemm: IntGemm = st["gemm"]
     xq = quantize_static(x, st["recip"], st["offset"])
@@ -256,7 +270,8 @@ def _fwd_weight_only(p: PreparedLinear, x: torch.Tensor) -> torch.Tensor:
     st = p.state
     name = st["kernel_for_m"](x.shape[0])
     run = WEIGHT_ONLY_KERNELS[name][0]
-    return run(st["weights"], x, st.get("bias32"), p.dtype)
+    return redo_overflowed_rows(st["weights"], x, run(st["weights"], x, st.get("bias32"), p.dtype),
+                                st.get("bias32"))
 
 
 # --------------------------------------------------------------------------------------

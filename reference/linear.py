@@ -501,6 +501,9 @@ def _w8a8_static(algo: str, x, tensors, dt, add_quant_bias: bool) -> np.ndarray:
         check_int32(acc, f"{algo} accumulator + quant_bias")
     with np.errstate(over="ignore"):
         y = (acc.astype(np.float32) * deq[None, :]).astype(np.float32)
+    # the codes saturate per element (npu_quantize), but a row holding NaN or +-inf gives a NaN
+    # row, as the per-token algorithms do: a non-finite activation is never hidden
+    y[~np.all(np.isfinite(x.astype(np.float32)), axis=1)] = np.float32(np.nan)
     return round_to_dtype(y, dt)
 
 
@@ -524,8 +527,10 @@ def w8a8_static_linear(x, tensors, *, dtype, add_quant_bias=True) -> np.ndarray:
 
     Not emulated: the NPU fixpipe probably consumes an int64 ``deq_scale`` with FP19
     precision (top 19 bits, facts §1.5, §9.7); we use the full float32 value, so int64 and
-    float32 ``deq_scale`` give identical outputs here. NaN activations quantize to 0 and
-    +-inf saturate (static quantization is per element).
+    float32 ``deq_scale`` give identical outputs here. Edge values: the codes follow
+    ``npu_quantize`` per element (NaN -> 0, +-inf and values past the scale's range saturate
+    to 127 / -128), but a row holding NaN or +-inf gives a NaN output row (our
+    specification, as the per-token algorithms: a non-finite activation is never hidden).
     """
     return _w8a8_static(W8A8, x, tensors, model_dtype(dtype), add_quant_bias)
 

@@ -158,11 +158,14 @@ def test_w8a8_static_int64_and_float32_deq_scale_identical():
         w8a8_static_linear(x, bad, dtype="float16")
 
 
-def test_w8a8_static_nan_activations_quantize_to_zero_and_overflow_is_reported():
-    # static quantization is per element: NaN*2 + 3 = NaN -> q = 0 (activation_quant's NaN rule)
-    y = w8a8_static_linear(bf([[np.nan, 0, 0, 0]]), W8A8_STATIC, dtype="bfloat16")
-    # q = [0, 3, 3, 3]: acc = [27, 9] + [7, -3] = [34, 6] -> [8.5, 0.75]
-    assert_bits(y, [[8.5, 0.75]], BF16)
+def test_w8a8_static_edge_rows_and_overflow_is_reported():
+    # codes per element: 0*2 + 3 -> q = 3; 1e30 saturates to 127; but a row holding NaN or +-inf
+    # gives a NaN row (docs/numerics.md §4), although its codes (NaN -> 0, inf -> 127) are finite
+    x = bf([[0, 0, 0, 0], [1e30, 0, 0, 0], [np.nan, 0, 0, 0], [0, 0, -np.inf, 0]])
+    y = w8a8_static_linear(x, W8A8_STATIC, dtype="bfloat16")
+    # zero row: q = [3, 3, 3, 3]: acc = [30, 6] + [7, -3] = [37, 3] -> [9.25, 0.375] (the folded bias)
+    # huge row: q = [127, 3, 3, 3]: acc = [154, -118] + [7, -3] = [161, -121] -> [40.25, -15.125]
+    assert_bits(y, [[9.25, 0.375], [40.25, -15.125], [np.nan, np.nan], [np.nan, np.nan]], BF16)
     big = dict(W8A8_STATIC, weight=np.full((2, 4), 127, np.int8),
                quant_bias=np.array([2**31 - 1, 0], np.int32))
     with pytest.raises(OverflowError, match="accumulator \\+ quant_bias"):

@@ -8,7 +8,7 @@ Backends (``BACKENDS``, in default-preference order):
 ``cuda``            the portable torch kernels on a CUDA device.
 ``cpu``             this machine's CPU kernels: oneDNN int8 GEMM (vLLM-CPU's handler when vLLM
                     is already loaded, else PyTorch's own), ``torch._weight_int4pack_mm_for_cpu``
-                    / ``torch._weight_int8pack_mm`` at small M, bf16 GEMM.
+                    / ``torch._weight_int8pack_mm`` at small M, tiled dequantization + bf16 GEMM.
 ``torch-portable``  pure torch ops (``torch._int_mm``, float32 GEMM) on the CPU: always
                     available, the fallback.
 
@@ -47,7 +47,8 @@ KERNELS: dict[tuple[str, str], tuple[str, ...]] = {
     ("npu", "int"): ("npu",),
     ("npu", "weight-only"): ("npu",),
     ("cpu", "int"): ("vllm-onednn", "onednn", "vllm-int8-with-quant", "int-mm"),
-    ("cpu", "weight-only"): ("auto", "int4pack-mm", "int8pack-mm", "dequant-bf16", "dequant-f32"),
+    ("cpu", "weight-only"): ("auto", "int4pack-mm", "int8pack-mm", "colscale-bf16", "dequant-bf16",
+                              "dequant-f32"),
     ("cuda", "int"): ("int-mm",),
     ("cuda", "weight-only"): ("dequant-f32",),
     ("torch-portable", "int"): ("int-mm",),
@@ -55,14 +56,22 @@ KERNELS: dict[tuple[str, str], tuple[str, ...]] = {
 }
 
 #: ``auto`` weight-only policy on ``cpu``: (largest M, kernel) tried in order, each only if it
-#: can implement the layer; the last entry catches every M. Thresholds from
-#: bench/quick_linear_speed.py on this project's CPU (AVX-512 VNNI/BF16, no AMX; one thread,
-#: CPU time, K = N = 4096): ``_weight_int4pack_mm_for_cpu`` 0.9 ms vs bf16 4.6 ms at M=1 but
-#: 7.4 vs 5.7 at M=16; ``_weight_int8pack_mm`` 1.5 vs 3.3 ms at M=1. Beyond, per-call
-#: dequantization + bf16 GEMM (float32 GEMM for fp16/fp32 models).
+#: can implement the layer; the last entry catches every M. Crossovers measured on this
+#: project's CPU (AVX-512 VNNI/BF16, no AMX; one thread, thread CPU time, K = N = 4096, bf16,
+#: interleaved; ms per call):
+#: ``_weight_int4pack_mm_for_cpu`` grows ~0.36 ms per row (0.9 at M=1, 12.8 at 32, 19.0 at 48)
+#: against the tiled dequantization + bf16 GEMM (9.3 at M=8, 14.6 at 32, 17.2 at 48): crossover
+#: M ~ 40. ``_weight_int8pack_mm`` (1.5 at M=1, 4.4 at 8, 6.6 at 12, 8.6 at 16) against the
+#: per-channel ``colscale-bf16`` (6.8 at 8, 7.4 at 12, 8.0 at 16): crossover M ~ 12.
+#: ``colscale-bf16`` (only an int8 -> bf16 conversion per weight tile, the scale applied to
+#: the [M, N] output in float32) beats ``dequant-bf16`` (conversion and scale multiply per
+#: weight element) while M x N is small against N x K: 6.9 vs 10.0 ms at M=16, 47 vs 50 at
+#: M=256, but 194 vs 183 at M=1024. Beyond: ``dequant-bf16`` (float32 GEMM for fp16/fp32
+#: models).
 WEIGHT_ONLY_M_RULE: tuple[tuple[int | None, str], ...] = (
-    (8, "int4pack-mm"),
-    (4, "int8pack-mm"),
+    (40, "int4pack-mm"),
+    (10, "int8pack-mm"),
+    (256, "colscale-bf16"),
     (None, "dequant-bf16"),
     (None, "dequant-f32"),
 )

@@ -9,22 +9,38 @@ values carried in int8) and are dequantized per call.
 
 Kernels:
 
-``dequant-f32``  per call ``w32 = (f32(q) - o) * s`` (per group), ``y = dt(f32(x) @ w32^T + b)``
+``dequant-f32``  ``w32 = (f32(q) - o) * s`` (per group), ``y = dt(f32(x) @ w32^T + b)``
                  with a float32 GEMM. For bf16/fp16 models ``w32`` is exact (``q - o``
                  has <= 9 significant bits, ``s`` <= 11, the product <= 20 < 24); for
                  float32 models each weight is rounded once (relative 2^-24).
-``dequant-bf16`` (bf16 models) ``w16 = bf16(w32)`` per call, ``v = bf16(x @ w16^T)`` with
+``dequant-bf16`` (bf16 models) ``w16 = bf16(w32)``, ``v = bf16(x @ w16^T)`` with
                  oneDNN's bf16 GEMM (float32 accumulation, one rounding), then
-                 ``y = bf16(f32(v) + b)``: each weight rounded (relative 2^-9), two roundings
-                 to bf16. The AVX512-BF16 dot product (``vdpbf16ps``) treats subnormal
-                 inputs as zero and flushes subnormal results (found by the conformance
-                 suite): the bound adds ``sum_{k: x subnormal} |x||w| + (K + 1) 2^-126``.
+                 ``y = bf16(f32(v) + b)``: each weight rounded (relative 2^-8: bf16 keeps 8
+                 significant bits), two roundings to bf16. The AVX512-BF16 dot product
+                 (``vdpbf16ps``) treats subnormal inputs as zero and flushes subnormal
+                 results (found by the conformance suite): the bound adds
+                 ``sum_{k: x subnormal} |x||w| + (K + 1) 2^-126``.
+``colscale-bf16`` (bf16 models; per-channel scales, no offset) ``w16 = bf16(q)`` (exact:
+                 |q| <= 128), ``v = bf16(x @ w16^T)``, ``y = bf16(f32(f32(v) * s[n]) + b)``:
+                 the scale moves from the K x N weight to the M x N output. The rounding of
+                 ``v`` is relative 2^-8 of ``|v| <= sum_k |x q|``, i.e. at most 2^-8 S once
+                 multiplied by ``s``: the bound of ``dequant-bf16`` (``rel_w = 2^-8``, two
+                 roundings, flushed subnormals) holds as it is.
 ``int4pack-mm``  ``torch._weight_int4pack_mm_for_cpu`` (W4A16; groups of 32/64/128/256
                  dividing K, N % 16 == 0): torch's packed int4 copy made at prepare, float32
                  accumulation, ``v = dt(...)`` then ``y = dt(f32(v) + b)``: two roundings.
 ``int8pack-mm``  ``torch._weight_int8pack_mm`` (W8A16, per-channel, all offsets zero):
                  ``v = dt(f32(sum_k x q) * s[n])`` (float32 accumulation), then
                  ``y = dt(f32(v) + b)``: two roundings to ``dt``.
+
+Tiling (the three dequantizing kernels): the weight is dequantized ``TILE_BYTES`` of rows
+at a time into a per-thread workspace that is reused across calls and layers, and each
+tile's GEMM writes its own output columns. A whole-weight dequantization per call
+allocated a fresh 32-64 MiB tensor every time (an mmap and a page fault per 4 KiB on every
+call: ~20 ms of the 60 ms of a 4096 x 4096 bf16 layer at M = 256, one thread, measured),
+and wrote it to DRAM and read it back; a tile stays in the cache between its
+dequantization and its GEMM. Tiling changes nothing but the order in which the GEMM sums
+(free in the bound: any order).
 
 Bound (elementwise, used by the conformance suite). With ``S[m,n] = sum_k |x[m,k]| |w[n,k]|
 + |b[n]|`` (exact weights), ``u = 2^-24``:
@@ -37,7 +53,7 @@ order, FMA or not), the scale multiply / bias add in float32 and the reference's
 float64 summation error (``(K+1) 2^-53``); ``(2K + 4) 2^-150`` is the absolute error of
 float32 operations whose results are subnormal (half the smallest spacing each, found by
 the conformance suite on float32 models with subnormal activations); ``rel_w`` is the per-weight rounding (0, or
-2^-24 for float32 models in ``dequant-f32``, 2^-9 for ``dequant-bf16``); ``c`` counts the
+2^-24 for float32 models in ``dequant-f32``, 2^-8 for ``dequant-bf16`` and ``colscale-bf16``); ``c`` counts the
 roundings to ``dt`` on our side (1 for ``dequant-f32``, 2 otherwise: an intermediate rounding
 happens before the bias, at the magnitude of the partial sum, itself <= S). ``ulp_dt(v)``
 is the spacing of ``dt`` at magnitude ``v`` (subnormal spacing below the normal range).
@@ -45,12 +61,17 @@ is the spacing of ``dt`` at magnitude ``v`` (subnormal spacing below the normal 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-__all__ = ["WeightOnlyWeights", "WEIGHT_ONLY_KERNELS", "weight_only_bound_params", "dequantize_f32"]
+__all__ = ["TILE_BYTES", "WeightOnlyWeights", "WEIGHT_ONLY_KERNELS", "weight_only_bound_params", "dequantize_f32"]
+
+#: Bytes of one dequantized weight tile (whole rows of the [N, K] weight). 4 MiB measured
+#: best of 0.5-4 MiB at M = 16 and 256 on this project's CPU (1 MiB L2 per core, 32 MiB L3):
+#: smaller tiles pay more per-op overhead and narrower GEMMs than they gain in cache.
+TILE_BYTES = 4 * 2**20
 
 
 @dataclass
@@ -64,6 +85,29 @@ class WeightOnlyWeights:
     group: int                       # group size along K (K for per-channel)
     int4pack: torch.Tensor | None = None       # _convert_weight_to_int4pack_for_cpu(q + 8)
     int4_scale_zeros: torch.Tensor | None = None  # [G, N, 2] (scale, 0) in the model dtype
+    _as_dtype: dict = field(default_factory=dict, repr=False)   # derived copies, made on first use
+
+    def scale_as(self, dt: torch.dtype) -> torch.Tensor:
+        """``scale`` in ``dt`` (exact: the scales are already rounded to the model dtype)."""
+        key = ("scale", dt)
+        if key not in self._as_dtype:
+            self._as_dtype[key] = self.scale.to(dt)
+        return self._as_dtype[key]
+
+    def q_abs_rowsum_max(self) -> int:
+        """``max_n sum_k |q[n, k]|`` (the largest unscaled row sum; computed once)."""
+        if "q_abs_rowsum_max" not in self._as_dtype:
+            q = self.q.to(torch.int32)
+            self._as_dtype["q_abs_rowsum_max"] = int(q.abs().sum(dim=1).max()) if q.numel() else 0
+        return self._as_dtype["q_abs_rowsum_max"]
+
+    def offset_as(self, dt: torch.dtype) -> torch.Tensor | None:
+        if self.offset is None:
+            return None
+        key = ("offset", dt)
+        if key not in self._as_dtype:
+            self._as_dtype[key] = self.offset.to(dt)
+        return self._as_dtype[key]
 
     def resident_bytes(self) -> int:
         b = self.q.numel() * self.q.element_size() + self.scale.numel() * 4
@@ -92,15 +136,64 @@ def _per_group(w: torch.Tensor, a: torch.Tensor, g: int, op) -> torch.Tensor:
 
 
 def dequantize_f32(wts: WeightOnlyWeights) -> torch.Tensor:
-    """``(f32(q) - o) * s`` per group as a new float32 ``[N, K]`` tensor (per call)."""
+    """``(f32(q) - o) * s`` per group as a new float32 ``[N, K]`` tensor (the whole weight)."""
     w = wts.q.to(torch.float32)
     if wts.offset is not None:
         _per_group(w, wts.offset, wts.group, lambda a, b: a.sub_(b))
     return _per_group(w, wts.scale, wts.group, lambda a, b: a.mul_(b))
 
 
+class _Workspace(threading.local):
+    """One flat scratch tensor per thread, dtype and device, grown on demand and reused by
+    every call of every layer (a model's layers run one after another on a thread)."""
+
+    def __init__(self):
+        self.buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+    def get(self, numel: int, dt: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (dt, device)
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=dt, device=device)
+            self.buffers[key] = buf
+        return buf[:numel]
+
+
+_WORKSPACE = _Workspace()
+
+
+def _tiled_gemm(wts: WeightOnlyWeights, x: torch.Tensor, dt_w: torch.dtype, fill) -> torch.Tensor:
+    """``x @ W^T`` in ``dt_w`` with ``W`` made ``TILE_BYTES`` of rows at a time:
+    ``fill(tile, n0, n1)`` writes rows ``n0:n1`` of ``W`` into ``tile`` ``[n1 - n0, K]``, and
+    that tile's GEMM writes output columns ``n0:n1``."""
+    n, k = wts.q.shape
+    rows = max(1, min(n, TILE_BYTES // max(1, k * dt_w.itemsize)))
+    buf = _WORKSPACE.get(rows * k, dt_w, x.device)
+    y = torch.empty((x.shape[0], n), dtype=dt_w, device=x.device)
+    for n0 in range(0, n, rows):
+        n1 = min(n, n0 + rows)
+        tile = buf[: (n1 - n0) * k].view(n1 - n0, k)
+        fill(tile, n0, n1)
+        torch.mm(x, tile.t(), out=y if n1 - n0 == n else y[:, n0:n1])
+    return y
+
+
+def _dequant_fill(wts: WeightOnlyWeights, dt_w: torch.dtype):
+    """``tile = dt_w((q - o) * s)`` per group, each op in ``dt_w`` (exact up to the multiply,
+    which rounds the exact product once: ``q - o`` is an integer of <= 9 bits, ``s`` has
+    <= 11 significant bits)."""
+    scale, offset = wts.scale_as(dt_w), wts.offset_as(dt_w)
+
+    def fill(tile: torch.Tensor, n0: int, n1: int) -> None:
+        tile.copy_(wts.q[n0:n1])
+        if offset is not None:
+            _per_group(tile, offset[n0:n1], wts.group, lambda a, b: a.sub_(b))
+        _per_group(tile, scale[n0:n1], wts.group, lambda a, b: a.mul_(b))
+    return fill
+
+
 def _dequant_f32(wts: WeightOnlyWeights, x: torch.Tensor, bias32: torch.Tensor | None, dt) -> torch.Tensor:
-    y = F.linear(x.to(torch.float32), dequantize_f32(wts))
+    y = _tiled_gemm(wts, x.to(torch.float32), torch.float32, _dequant_fill(wts, torch.float32))
     if bias32 is not None:
         y.add_(bias32)
     return y.to(dt)
@@ -109,18 +202,41 @@ def _dequant_f32(wts: WeightOnlyWeights, x: torch.Tensor, bias32: torch.Tensor |
 def dequantize_bf16(wts: WeightOnlyWeights) -> torch.Tensor:
     """``bf16((q - o) * s)`` computed in bf16 directly: ``q - o`` (|.| <= 255) is exact in
     bf16 and the bf16 multiply rounds the exact float32 product once, so this equals
-    ``bf16(dequantize_f32(wts))`` for bf16-rounded scales, in half the memory traffic."""
-    w = wts.q.to(torch.bfloat16)
-    if wts.offset is not None:
-        _per_group(w, wts.offset.to(torch.bfloat16), wts.group, lambda a, b: a.sub_(b))
-    return _per_group(w, wts.scale.to(torch.bfloat16), wts.group, lambda a, b: a.mul_(b))
+    ``bf16(dequantize_f32(wts))`` for bf16-rounded scales (the whole weight; the kernel
+    itself dequantizes tile by tile with the same ops)."""
+    w = torch.empty(wts.q.shape, dtype=torch.bfloat16)
+    _dequant_fill(wts, torch.bfloat16)(w, 0, w.shape[0])
+    return w
 
 
 def _dequant_bf16(wts: WeightOnlyWeights, x: torch.Tensor, bias32: torch.Tensor | None, dt) -> torch.Tensor:
-    v = F.linear(x, dequantize_bf16(wts))
+    v = _tiled_gemm(wts, x, torch.bfloat16, _dequant_fill(wts, torch.bfloat16))
     if bias32 is None:
         return v
     return (v.to(torch.float32) + bias32).to(dt)
+
+
+#: ``colscale-bf16`` sums ``x * q`` before scaling, up to 127x the magnitude of ``x * w``:
+#: while ``max_k |x[m, k]| * max_n sum_k |q[n, k]|`` stays under this, no partial sum of row
+#: ``m`` can overflow (float32/bf16 overflow at 2^128); finite rows above it are recomputed
+#: with ``dequant-bf16`` (per row, so that no row's result depends on the others in the batch).
+_COLSCALE_LIMIT = 2.0**127
+
+
+def _colscale_bf16(wts: WeightOnlyWeights, x: torch.Tensor, bias32: torch.Tensor | None, dt) -> torch.Tensor:
+    def fill(tile: torch.Tensor, n0: int, n1: int) -> None:
+        tile.copy_(wts.q[n0:n1])                     # int8 -> bf16, exact
+
+    v = _tiled_gemm(wts, x, torch.bfloat16, fill).to(torch.float32)
+    v.mul_(wts.scale.reshape(1, -1))                 # f32(f32(v) * s[n])
+    if bias32 is not None:
+        v.add_(bias32)
+    y = v.to(dt)
+    amax = x.abs().amax(dim=1).to(torch.float32)     # (aminmax is ~10x slower here)
+    risky = torch.isfinite(amax) & (amax * float(wts.q_abs_rowsum_max()) >= _COLSCALE_LIMIT)
+    if bool(risky.any()):
+        y[risky] = _dequant_bf16(wts, x[risky], bias32, dt)
+    return y
 
 
 def _int4pack_mm(wts: WeightOnlyWeights, x: torch.Tensor, bias32: torch.Tensor | None, dt) -> torch.Tensor:
@@ -145,6 +261,22 @@ def _int8pack_mm(wts: WeightOnlyWeights, x: torch.Tensor, bias32: torch.Tensor |
 def _can_dequant_bf16(algo: str, wts: WeightOnlyWeights, dt, device) -> tuple[bool, str | None]:
     if dt != torch.bfloat16:
         return False, f"bf16 GEMM path is for bfloat16 models only (model dtype is {dt})"
+    return True, None
+
+
+def _can_colscale_bf16(algo: str, wts: WeightOnlyWeights, dt, device) -> tuple[bool, str | None]:
+    if dt != torch.bfloat16:
+        return False, f"bf16 GEMM path is for bfloat16 models only (model dtype is {dt})"
+    if wts is None:
+        return False, "needs the layer's prepared weights to decide (per-channel, symmetric)"
+    if wts.group != wts.q.shape[1]:
+        return False, f"per-channel scales only; this layer has group size {wts.group}"
+    if wts.offset is not None:
+        return False, "symmetric weights only (weight_offset is not all zero)"
+    if bool((wts.scale > 1).any()):
+        # the flushed-subnormal term of the bound is in units of x*w; here the GEMM flushes
+        # in units of x*q, scaled by s afterwards: s <= 1 keeps it inside (|w| <= 127 s)
+        return False, "weight scales above 1 (|w| > 127): the subnormal-flush bound assumes s <= 1"
     return True, None
 
 
@@ -194,6 +326,7 @@ def _always(algo, wts, dt, device):
 WEIGHT_ONLY_KERNELS = {
     "int4pack-mm": (_int4pack_mm, _can_int4pack),
     "int8pack-mm": (_int8pack_mm, _can_int8pack),
+    "colscale-bf16": (_colscale_bf16, _can_colscale_bf16),
     "dequant-bf16": (_dequant_bf16, _can_dequant_bf16),
     "dequant-f32": (_dequant_f32, _always),
 }
@@ -203,8 +336,10 @@ def weight_only_bound_params(kernel: str, dt: torch.dtype) -> tuple[float, int, 
     """``(rel_w, c, flushes_subnormals)`` of the module docstring's bound for ``kernel``."""
     if kernel == "dequant-f32":
         return (2.0**-24 if dt == torch.float32 else 0.0), 1, False
-    if kernel == "dequant-bf16":
-        return 2.0**-9, 2, True
+    if kernel in ("dequant-bf16", "colscale-bf16"):
+        # bf16 keeps 8 significant bits: unit roundoff 2^-8 (weights for dequant-bf16, the
+        # GEMM output v for colscale-bf16, see the module docstring)
+        return 2.0**-8, 2, True
     if kernel == "int8pack-mm":
         return 0.0, 2, False
     if kernel == "int4pack-mm":
@@ -213,7 +348,7 @@ def weight_only_bound_params(kernel: str, dt: torch.dtype) -> tuple[float, int, 
         return 2.0**-24, 2, True
     if kernel == "npu":
         # npu_weight_quant_batchmatmul: in-kernel precision undocumented (facts §2.4); assume
-        # weights dequantized to the activation dtype (<= 2^-9 relative), two roundings, and
-        # possibly flushed subnormals
-        return 2.0**-9, 2, True
+        # weights dequantized to the activation dtype (<= 2^-8 relative for bf16), two
+        # roundings, and possibly flushed subnormals
+        return 2.0**-8, 2, True
     raise ValueError(f"unknown weight-only kernel {kernel!r}")

@@ -40,6 +40,12 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return quantize.run(args)
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ascend_quant.cli import demo
+
+    return demo.run(args)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from ascend_quant.vllm_integration import serve
 
@@ -53,6 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="subcommands")
+
+    p = sub.add_parser(
+        "demo",
+        help="the main job: quantize the embedded model with every algorithm ID, run each through vLLM, one table",
+        description="Quantize the embedded model (or --model) with every algorithm ID as `quantize` does, validate "
+                    "each checkpoint as `inspect` does, run the float model and each checkpoint through vLLM "
+                    "(quantization=\"ascend\") and print one table: checkpoint size, held-out perplexity, "
+                    "agreement with the reference forward, decode tokens/s, each also relative to the float "
+                    "model. Writes results.md, results.json and chart.png into --out. Takes minutes.",
+    )
+    from ascend_quant.cli.demo import add_arguments as add_demo_arguments
+
+    add_demo_arguments(p)
+    p.set_defaults(handler=_cmd_demo)
 
     p = sub.add_parser(
         "walkthrough",

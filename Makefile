@@ -1,5 +1,5 @@
 # Thin wrapper around scripts/setup-env.sh and .venv/. `make setup` is idempotent.
-.PHONY: setup test demo bench
+.PHONY: setup test demo walkthrough bench gates
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -19,8 +19,20 @@ test: setup
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests (exit 5)" >&2; fi; \
 	exit $$rc
 
+# The main job: every algorithm ID on the embedded model through vLLM, one table
+# (demo-output/results.md, results.json, chart.png; ~15 min). demo-output/ is the demo's own
+# (git-ignored) folder, so a re-run replaces it. DEMO_ARGS: e.g. --quick, --algos W8A8 W4A4_DYNAMIC.
+DEMO_ARGS ?=
 demo: setup
+	$(VENV)/bin/ascend-quant demo --out demo-output --overwrite $(DEMO_ARGS)
+
+# The NumPy-reference walkthrough of one layer per algorithm (seconds; no vLLM).
+walkthrough: setup
 	$(VENV)/bin/ascend-quant walkthrough
 
 bench: setup
 	$(PYTEST) bench/ --run-bench $(PYTEST_ARGS)
+
+# Performance gates: same-run speed-up ratios vs the floors in bench/benchlib.py (~2-3 min).
+gates: setup
+	$(PYTEST) bench/test_gates.py --run-bench -q $(PYTEST_ARGS)

@@ -13,7 +13,15 @@ import platform
 import sys
 from pathlib import Path
 
-import pytest
+# NumPy's OpenBLAS worker threads busy-wait after each call and then steal the cores from the
+# next timed torch call (seen: bf16 F.linear 3.9 ms instead of ~0.1 ms right after a
+# reference call). The NumPy reference rows therefore run single-threaded BLAS; this only
+# works before NumPy is first imported (machine_info records whether it did).
+_OPENBLAS_PINNED = "numpy" not in sys.modules and "OPENBLAS_NUM_THREADS" not in os.environ
+if _OPENBLAS_PINNED:
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
+
+import pytest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import benchlib` from bench/ tests
 
@@ -60,6 +68,8 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "torch": torch.__version__,
         "vllm": vllm_version,
         "vllm_import_error": VLLM_IMPORT_ERROR,
+        "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+        "openblas_pinned_by_conftest": _OPENBLAS_PINNED,
         "torch_threads": torch.get_num_threads(),
         "amx": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
         "l3_bytes": benchlib.l3_bytes(),

@@ -192,9 +192,10 @@ class Gate:
 _V = "vllm-onednn-w8a8-dyn"   # ESSENTIAL_PEER (defined with the peers below)
 FLOORS: dict[tuple[str, int, str], tuple[float, str]] = {
     ("W4A16", 1, "bf16"): (2.3, "seen 3.30, 3.38 (int4pack-mm reads 1/4 of the bf16 bytes)"),
-    ("W4A16", 256, "bf16"): (0.6, "ratchet, seen 0.76 (gate, load 6) and 0.81-0.82 (1-thread CPU-time probes) "
-                                  "with the tiled dequant-bf16 of 2026-11-24 07:00 (0.64-0.68 before); catches "
-                                  "int4pack-mm at M=256 (0.41) and float32 dequantization"),
+    ("W4A16", 256, "bf16"): (0.5, "ratchet, seen 0.70 (1-thread CPU-time probe, load 2.2) since the int8 copy "
+                                  "was dropped (tiles unpacked from the int4pack copy: resident 0.28x instead of "
+                                  "0.78x of bf16; 0.80 with the int8 copy); catches int4pack-mm at M=256 (0.41) "
+                                  "and int8pack-mm (0.32)"),
     ("W8A16", 1, "bf16"): (1.45, "seen 2.33, 2.08"),
     ("W8A16", 256, "bf16"): (0.6, "ratchet, seen 0.75 (gate, load 6) and 0.80-0.87 (1-thread CPU-time probes) "
                                   "with the tiled colscale-bf16 of 2026-11-24 07:00 (0.67 before); catches "

@@ -56,3 +56,30 @@ def test_tiled_kernel_matches_reference_across_tiles(backend, kernel, data):
                 if "can run" not in str(e):
                     raise
                 return
+
+
+@pytest.mark.parametrize(("n", "k", "group"), [(64, 64, 32), (128, 256, 64), (192, 128, 128)])
+@pytest.mark.parametrize("m", [1, 50, 300])
+def test_w4a16_keeps_only_the_packed_int4_copy(backend, n, k, group, m):
+    """W4A16 layers whose N is a multiple of 64 drop their int8 codes once torch's int4pack copy
+    exists (resident bytes ~0.28x of bf16); every kernel of the auto rule (int4pack-mm at small
+    M, tiles unpacked from the packed copy at large M) stays within the weight-only bound, and
+    the unpacked codes are the checkpoint's, bit for bit."""
+    if backend != "cpu":
+        pytest.skip("int4pack-mm is a kernel of the cpu backend")
+    from ascend_quant.optimized import prepare_linear
+    from ascend_quant.reference import weight_quant as wq
+    from ascend_quant.reference.packing import unpack_int32_offset8_to_int4
+
+    rng = np.random.default_rng(n * 1000 + k + m)
+    w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+    tensors = wq.quantize_w4a16(w, group_size=group)
+    x = rng.standard_normal((m, k)).astype(np.float32).astype(hh.np_dtype("bfloat16"))
+    p = prepare_linear("W4A16", tensors, dtype="bfloat16", group_size=group)
+    wts = p.state["weights"]
+    assert wts.q is None, "the int8 copy must be dropped once the int4pack copy exists"
+    codes = unpack_int32_offset8_to_int4(tensors["weight_packed"]).astype(np.int8)
+    assert np.array_equal(wts.q_rows(0, n).numpy(), codes)          # integers: bit-exact
+    assert p.resident_bytes() <= n * k // 2 + wts.scale.numel() * 4 + wts.int4_scale_zeros.numel() * 2 + 1024
+    with _tile_bytes(64 * k * 2):      # several tiles of 64 rows each at large M
+        check_linear(backend, "W4A16", tensors, x, "bfloat16", None, kernel="auto", group_size=group)

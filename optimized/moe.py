@@ -628,7 +628,7 @@ def _int_stage(p: PreparedMoE, which: str, xq: torch.Tensor, s_tok: torch.Tensor
 def _weight_only_stage(p: PreparedMoE, which: str, rows: torch.Tensor, bounds) -> torch.Tensor:
     run = WEIGHT_ONLY_KERNELS[p.kernel][0]
     wts = p.state["wo13" if which == "w13" else "wo2"]
-    n = wts[0].q.shape[0]
+    n = wts[0].shape[0]
     out = torch.empty((rows.shape[0], n), dtype=p.dtype, device=rows.device)
     for e, start, end in bounds:
         r = rows[start:end]

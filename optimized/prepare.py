@@ -427,7 +427,7 @@ def _prepare_weight_only(algo, npt, dims, n, k, dt, bias, backend, kernel, group
     if choice.kernel in ("auto", "int4pack-mm") and can("int4pack-mm")[0]:
         wts.add_int4pack(dt)
     if device.type != "cpu":
-        wts = WeightOnlyWeights(q=wts.q.to(device), scale=wts.scale.to(device),
+        wts = WeightOnlyWeights(q=wts.q_rows(0, wts.shape[0]).to(device), scale=wts.scale.to(device),
                                 offset=None if wts.offset is None else wts.offset.to(device), group=g)
     if choice.kernel == "auto":
         rule = [(m_max, name) for m_max, name in WEIGHT_ONLY_M_RULE if can(name)[0]]

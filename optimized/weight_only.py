@@ -77,15 +77,30 @@ TILE_BYTES = 4 * 2**20
 @dataclass
 class WeightOnlyWeights:
     """Kernel-ready weight-only tensors: int8 codes and per-group float32 scale/offset,
-    plus (W4A16, when ``int4pack-mm`` may run) torch's packed int4 copy and its scales."""
+    plus (W4A16, when ``int4pack-mm`` may run) torch's packed int4 copy and its scales.
 
-    q: torch.Tensor                  # int8 [N, K] (int4 values for W4A16)
+    W4A16 keeps one copy of its codes: once torch's packed int4 copy exists (N a multiple of
+    64), ``q`` is dropped and :meth:`q_rows` unpacks row tiles from it (nibble layout probed
+    and verified at packing time), so the layer stays at ~0.26x of its bf16 bytes instead of
+    carrying an int8 copy (0.5x) beside the packed one."""
+
+    q: torch.Tensor | None           # int8 [N, K] (int4 values for W4A16); None once packed only
     scale: torch.Tensor              # float32 [N, G], already rounded to the model dtype
     offset: torch.Tensor | None      # float32 [N, G] (dt-rounded) or None when all zero
     group: int                       # group size along K (K for per-channel)
     int4pack: torch.Tensor | None = None       # _convert_weight_to_int4pack_for_cpu(q + 8)
     int4_scale_zeros: torch.Tensor | None = None  # [G, N, 2] (scale, 0) in the model dtype
     _as_dtype: dict = field(default_factory=dict, repr=False)   # derived copies, made on first use
+    shape: tuple[int, int] = field(init=False)                 # (N, K)
+
+    def __post_init__(self):
+        self.shape = (int(self.q.shape[0]), int(self.q.shape[1]))
+
+    def q_rows(self, n0: int, n1: int) -> torch.Tensor:
+        """int8 codes of rows ``n0:n1`` (a view of ``q``, or unpacked from the int4 copy)."""
+        if self.q is not None:
+            return self.q[n0:n1]
+        return _unpack_int4pack_rows(self.int4pack, n0, n1, self.shape[1])
 
     def scale_as(self, dt: torch.dtype) -> torch.Tensor:
         """``scale`` in ``dt`` (exact: the scales are already rounded to the model dtype)."""
@@ -97,7 +112,7 @@ class WeightOnlyWeights:
     def q_abs_rowsum_max(self) -> int:
         """``max_n sum_k |q[n, k]|`` (the largest unscaled row sum; computed once)."""
         if "q_abs_rowsum_max" not in self._as_dtype:
-            q = self.q.to(torch.int32)
+            q = self.q_rows(0, self.shape[0]).to(torch.int32)
             self._as_dtype["q_abs_rowsum_max"] = int(q.abs().sum(dim=1).max()) if q.numel() else 0
         return self._as_dtype["q_abs_rowsum_max"]
 
@@ -110,7 +125,7 @@ class WeightOnlyWeights:
         return self._as_dtype[key]
 
     def resident_bytes(self) -> int:
-        b = self.q.numel() * self.q.element_size() + self.scale.numel() * 4
+        b = (0 if self.q is None else self.q.numel() * self.q.element_size()) + self.scale.numel() * 4
         for t in (self.offset, self.int4pack, self.int4_scale_zeros):
             b += 0 if t is None else t.numel() * t.element_size()
         return b
@@ -122,6 +137,42 @@ class WeightOnlyWeights:
         self.int4pack = torch._convert_weight_to_int4pack_for_cpu((self.q.to(torch.int32) + 8).contiguous(), 1)
         s = self.scale.t().to(dt)
         self.int4_scale_zeros = torch.stack([s, torch.zeros_like(s)], dim=-1).contiguous()
+        n, k = self.shape
+        if n % _INT4PACK_BLOCK_N == 0 and torch.equal(_unpack_int4pack_rows(self.int4pack, 0, n, k), self.q):
+            self.q = None   # the packed copy is the only copy (layout checked just now, bit for bit)
+
+
+#: torch 2.13's ``_convert_weight_to_int4pack_for_cpu`` (probed): for N a multiple of 64 the
+#: bytes form ``[N / 64, K, 32]``; byte ``j`` of block ``b`` at column ``k`` holds row
+#: ``64 b + j`` in its low nibble and row ``64 b + 32 + j`` in its high nibble, as ``q + 8``.
+#: ``add_int4pack`` verifies this on every layer before dropping the int8 copy.
+_INT4PACK_BLOCK_N = 64
+
+
+def _int4pack_rows_into(tile: torch.Tensor, packed: torch.Tensor, n0: int, n1: int) -> None:
+    """``tile[:] = q[n0:n1]`` in ``tile``'s float dtype, straight from the int4pack copy (one
+    transposing copy per nibble half, then ``- 8``: all exact in bf16/float32; ~2.5x faster
+    than converting :func:`_unpack_int4pack_rows`' int8 result)."""
+    b = _INT4PACK_BLOCK_N
+    k = tile.shape[1]
+    if n0 % b or n1 % b:
+        raise ValueError(f"int4pack rows {n0}:{n1} are not whole blocks of {b}")
+    blocks = packed.reshape(-1, k, b // 2)[n0 // b: n1 // b].transpose(1, 2).contiguous()  # [nb, 32, K]
+    t3 = tile.view(-1, b, k)
+    t3[:, : b // 2].copy_(blocks & 15)
+    t3[:, b // 2:].copy_(blocks >> 4)
+    tile.sub_(8)
+
+
+def _unpack_int4pack_rows(packed: torch.Tensor, n0: int, n1: int, k: int) -> torch.Tensor:
+    """int8 codes ``[n1 - n0, K]`` of rows ``n0:n1`` (multiples of 64) of an int4pack copy."""
+    b = _INT4PACK_BLOCK_N
+    if n0 % b or n1 % b:
+        raise ValueError(f"int4pack rows {n0}:{n1} are not whole blocks of {b}")
+    blocks = packed.reshape(-1, k, b // 2)[n0 // b: n1 // b]               # [nb, K, 32] uint8
+    lo, hi = blocks & 15, blocks >> 4
+    u = torch.cat([lo, hi], dim=-1).permute(0, 2, 1).reshape(n1 - n0, k)   # rows of each block
+    return u.to(torch.int8) - 8
 
 
 def _per_group(w: torch.Tensor, a: torch.Tensor, g: int, op) -> torch.Tensor:
@@ -137,7 +188,7 @@ def _per_group(w: torch.Tensor, a: torch.Tensor, g: int, op) -> torch.Tensor:
 
 def dequantize_f32(wts: WeightOnlyWeights) -> torch.Tensor:
     """``(f32(q) - o) * s`` per group as a new float32 ``[N, K]`` tensor (the whole weight)."""
-    w = wts.q.to(torch.float32)
+    w = wts.q_rows(0, wts.shape[0]).to(torch.float32)
     if wts.offset is not None:
         _per_group(w, wts.offset, wts.group, lambda a, b: a.sub_(b))
     return _per_group(w, wts.scale, wts.group, lambda a, b: a.mul_(b))
@@ -166,8 +217,10 @@ def _tiled_gemm(wts: WeightOnlyWeights, x: torch.Tensor, dt_w: torch.dtype, fill
     """``x @ W^T`` in ``dt_w`` with ``W`` made ``TILE_BYTES`` of rows at a time:
     ``fill(tile, n0, n1)`` writes rows ``n0:n1`` of ``W`` into ``tile`` ``[n1 - n0, K]``, and
     that tile's GEMM writes output columns ``n0:n1``."""
-    n, k = wts.q.shape
+    n, k = wts.shape
     rows = max(1, min(n, TILE_BYTES // max(1, k * dt_w.itemsize)))
+    if wts.q is None:   # tiles unpacked from the int4pack copy: whole blocks of rows
+        rows = max(_INT4PACK_BLOCK_N, rows // _INT4PACK_BLOCK_N * _INT4PACK_BLOCK_N)
     buf = _WORKSPACE.get(rows * k, dt_w, x.device)
     y = torch.empty((x.shape[0], n), dtype=dt_w, device=x.device)
     for n0 in range(0, n, rows):
@@ -185,7 +238,10 @@ def _dequant_fill(wts: WeightOnlyWeights, dt_w: torch.dtype):
     scale, offset = wts.scale_as(dt_w), wts.offset_as(dt_w)
 
     def fill(tile: torch.Tensor, n0: int, n1: int) -> None:
-        tile.copy_(wts.q[n0:n1])
+        if wts.q is None:
+            _int4pack_rows_into(tile, wts.int4pack, n0, n1)
+        else:
+            tile.copy_(wts.q_rows(n0, n1))
         if offset is not None:
             _per_group(tile, offset[n0:n1], wts.group, lambda a, b: a.sub_(b))
         _per_group(tile, scale[n0:n1], wts.group, lambda a, b: a.mul_(b))
@@ -204,7 +260,7 @@ def dequantize_bf16(wts: WeightOnlyWeights) -> torch.Tensor:
     bf16 and the bf16 multiply rounds the exact float32 product once, so this equals
     ``bf16(dequantize_f32(wts))`` for bf16-rounded scales (the whole weight; the kernel
     itself dequantizes tile by tile with the same ops)."""
-    w = torch.empty(wts.q.shape, dtype=torch.bfloat16)
+    w = torch.empty(wts.shape, dtype=torch.bfloat16)
     _dequant_fill(wts, torch.bfloat16)(w, 0, w.shape[0])
     return w
 
@@ -225,7 +281,7 @@ _COLSCALE_LIMIT = 2.0**127
 
 def _colscale_bf16(wts: WeightOnlyWeights, x: torch.Tensor, bias32: torch.Tensor | None, dt) -> torch.Tensor:
     def fill(tile: torch.Tensor, n0: int, n1: int) -> None:
-        tile.copy_(wts.q[n0:n1])                     # int8 -> bf16, exact
+        tile.copy_(wts.q_rows(n0, n1))               # int8 -> bf16, exact
 
     v = _tiled_gemm(wts, x, torch.bfloat16, fill).to(torch.float32)
     v.mul_(wts.scale.reshape(1, -1))                 # f32(f32(v) * s[n])
@@ -269,7 +325,7 @@ def _can_colscale_bf16(algo: str, wts: WeightOnlyWeights, dt, device) -> tuple[b
         return False, f"bf16 GEMM path is for bfloat16 models only (model dtype is {dt})"
     if wts is None:
         return False, "needs the layer's prepared weights to decide (per-channel, symmetric)"
-    if wts.group != wts.q.shape[1]:
+    if wts.group != wts.shape[1]:
         return False, f"per-channel scales only; this layer has group size {wts.group}"
     if wts.offset is not None:
         return False, "symmetric weights only (weight_offset is not all zero)"
@@ -287,15 +343,15 @@ def _can_int8pack(algo: str, wts: WeightOnlyWeights, dt, device) -> tuple[bool, 
         return False, f"int8 weights only (W8A16); {algo} has int4 weights"
     if wts is None:
         return False, "needs the layer's prepared weights to decide (per-channel, symmetric, K % 16)"
-    if wts.group != wts.q.shape[1]:
+    if wts.group != wts.shape[1]:
         return False, f"per-channel scales only; this layer has group size {wts.group}"
     if wts.offset is not None:
         return False, "symmetric weights only (weight_offset is not all zero)"
-    if wts.q.shape[1] % 16:
+    if wts.shape[1] % 16:
         # torch 2.13 CPU: bf16 rows must start on 32-byte boundaries (aligned loads): with
         # K % 16 != 0 the second row does not, and it segfaults or returns NaN (probed; fp16
         # and fp32 looked fine); refused for every dtype as a precaution
-        return False, f"K={wts.q.shape[1]} is not a multiple of 16 (torch._weight_int8pack_mm crashes there)"
+        return False, f"K={wts.shape[1]} is not a multiple of 16 (torch._weight_int8pack_mm crashes there)"
     if device.type not in ("cpu", "cuda"):
         return False, f"not available on {device.type}"
     return True, None
@@ -310,7 +366,7 @@ def _can_int4pack(algo: str, wts: WeightOnlyWeights, dt, device) -> tuple[bool, 
         return False, f"CPU kernel (device is {device.type})"
     if wts is None:
         return False, "needs the layer's prepared weights (torch's packed int4 copy is made by prepare_linear)"
-    n, k = wts.q.shape
+    n, k = wts.shape
     if wts.group not in (32, 64, 128, 256) or k % wts.group:
         return False, f"group size must be 32, 64, 128 or 256 and divide K (group {wts.group}, K={k})"
     if n % 16:

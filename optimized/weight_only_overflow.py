@@ -27,9 +27,9 @@ __all__ = ["redo_overflowed_rows", "exact_weight_f64"]
 
 def exact_weight_f64(wts) -> torch.Tensor:
     """``(f64(q) - f64(o)) * f64(s)`` ``[N, K]`` per group (exact: a product of two short floats)."""
-    n, k = wts.q.shape
+    n, k = wts.shape
     s = wts.scale.to(torch.float64).repeat_interleave(wts.group, dim=1)[:, :k]
-    w = wts.q.to(torch.float64)
+    w = wts.q_rows(0, n).to(torch.float64)
     if wts.offset is not None:
         w = w - wts.offset.to(torch.float64).repeat_interleave(wts.group, dim=1)[:, :k]
     return w * s

@@ -30,6 +30,11 @@ sys.path.insert(0, str(HERE))
 
 import benchlib as bl  # noqa: E402  (targets, algorithm list, peers: one source of truth)
 
+#: The issue's streaming limit for this machine kind (GB/s), the reference for every decode
+#: kernel's "achieved fraction"; the read bandwidth measured in the same run is shown beside it.
+STREAM_LIMIT_GBS = 36.0
+from e2e_decode import TARGET_RATIO as E2E_TARGET  # noqa: E402  (imports no vLLM)
+
 # --------------------------------------------------------------------------------------
 # loading
 # --------------------------------------------------------------------------------------
@@ -209,6 +214,18 @@ def md_report(machine, rows, skips, bw, bw_note, targets) -> str:
                  f"{t['verdict']} |")
     L.append("")
 
+    # --- end to end (details in e2e.md)
+    e2e_t = e2e_targets(rows)
+    if e2e_t:
+        L.append(f"End to end (vLLM decode tokens/s ≥ {E2E_TARGET:g}× bf16; details, bytes and rounds in `e2e.md`):")
+        L.append("")
+        L.append("| model | algorithm | batch | speed-up (medians) | best rounds | verdict |")
+        L.append("|---|---|---|---|---|---|")
+        for t in e2e_t:
+            L.append(f"| {t['model']} | {t['algo']} | {t['batch']} | {t['ratio']:.2f}× | {_fmt_ratio(t['ratio_best'])} | "
+                     f"{t['verdict']} |")
+        L.append("")
+
     # --- square table
     ms = sorted({r["m"] for r in lin if r.get("shape") == sq.name})
     if ms:
@@ -286,8 +303,13 @@ def md_report(machine, rows, skips, bw, bw_note, targets) -> str:
                  "`prepared.resident_bytes()` (weights as the kernel holds them, scales, bias, transforms) "
                  "vs the bf16 weight; read: the part the M=1 kernel streams (`benchlib.stream_bytes`).")
         L.append("")
-        L.append("| row | resident MiB | resident / bf16 | MiB read at M=1 | M=1 ms | GB/s | fraction of read bandwidth |")
-        L.append("|---|---|---|---|---|---|---|")
+        L.append(f"`of {STREAM_LIMIT_GBS:g} GB/s`: the same against the issue's streaming limit for this machine "
+                 f"kind ({STREAM_LIMIT_GBS:g} GB/s: a 4096 × 4096 weight takes ≥ 0.93 ms in bf16, ≥ 0.47 ms in "
+                 "int8, ≥ 0.23 ms in int4).")
+        L.append("")
+        L.append("| row | resident MiB | resident / bf16 | MiB read at M=1 | M=1 ms | GB/s | fraction of read bandwidth "
+                 f"| of {STREAM_LIMIT_GBS:g} GB/s |")
+        L.append("|---|---|---|---|---|---|---|---|")
         for kind, lab in order:
             r = _find(rows, kind=kind, label=lab, shape=sq.name, m=1)
             if r is None:
@@ -295,7 +317,8 @@ def md_report(machine, rows, skips, bw, bw_note, targets) -> str:
             frac = f"{r['weight_gbs'] / bw * 100:.0f}%" if bw else "–"
             L.append(f"| {lab} | {r['weight_bytes'] / 2**20:.1f} | {r['weight_bytes'] / (2 * sq.n * sq.k):.2f} | "
                      f"{r.get('stream_bytes', r['weight_bytes']) / 2**20:.1f} | "
-                     f"{_fmt_ms(r['ms'])} | {r['weight_gbs']:.1f} | {frac} |")
+                     f"{_fmt_ms(r['ms'])} | {r['weight_gbs']:.1f} | {frac} | "
+                     f"{r['weight_gbs'] / STREAM_LIMIT_GBS * 100:.0f}% |")
         L.append("")
 
     # --- model shapes
@@ -325,6 +348,23 @@ def md_report(machine, rows, skips, bw, bw_note, targets) -> str:
         L.append("")
         L.append(f"Slower than bf16 on model shapes: {len(slower)} cells" + (": " + "; ".join(slower) if slower else "."))
         L.append("")
+        if 1 in mms:
+            L.append(f"Decode (M = 1) on model shapes: weight GB/s streamed · fraction of the {STREAM_LIMIT_GBS:g} GB/s "
+                     "limit" + (f" · fraction of the {bw:.1f} GB/s read bandwidth measured in this run" if bw else ""))
+            L.append("")
+            L.append("| shape | bf16 | " + " | ".join(algos) + " |")
+            L.append("|---|---|" + "---|" * len(algos))
+
+            def stream_cell(r):
+                if r is None:
+                    return "–"
+                return (f"{r['weight_gbs']:.1f} · {r['weight_gbs'] / STREAM_LIMIT_GBS * 100:.0f}%"
+                        + (f" · {r['weight_gbs'] / bw * 100:.0f}%" if bw else ""))
+            for name, n, k in shapes:
+                cells = [stream_cell(_find(rows, kind="bf16", shape=name, m=1))]
+                cells += [stream_cell(_find(rows, kind="linear", label=a, shape=name, m=1)) for a in algos]
+                L.append(f"| {name} | " + " | ".join(cells) + " |")
+            L.append("")
 
     # --- MoE
     moe = [r for r in rows if r.get("kind") == "moe"]
@@ -534,13 +574,198 @@ def chart(rows, skips, path: Path) -> bool:
             else:
                 c.text(int(xa), int(y_of(1.0)) + 4, "x", c=_COLORS[mi % len(_COLORS)], scale=1)
         lab = SHORT.get(g, g)
-        c.text(int(left + gi * gw + (gw - 6 * len(lab) * 1.5) / 2), bottom + 12, lab,
-               c=(0, 0, 0) if g in bl.ALGOS else (110, 110, 110), scale=1 if len(lab) > 9 else 2)
+        sc = 2 if 12 * len(lab) <= gw - 4 else 1                 # the larger font where it fits
+        c.text(int(left + gi * gw + (gw - 6 * sc * len(lab)) / 2), bottom + 12 + (4 if sc == 1 else 0), lab,
+               c=(0, 0, 0) if g in bl.ALGOS else (110, 110, 110), scale=sc)
     x = left
     for mi, m in enumerate(ms):
         c.rect(x, H - 40, x + 16, H - 24, _COLORS[mi % len(_COLORS)])
         x = c.text(x + 22, H - 39, f"M={m}", scale=2) + 24
     c.text(x + 20, H - 39, "GREY LABELS: PEERS. X: NOT TIMED", c=(110, 110, 110), scale=2)
+    c.save(path)
+    return True
+
+
+
+# --------------------------------------------------------------------------------------
+# end to end (bench/test_bench_e2e.py rows, kind "e2e")
+# --------------------------------------------------------------------------------------
+
+
+def e2e_targets(rows) -> list[dict]:
+    """One verdict per (model, algorithm, batch): the issue's ``>= 1.5x bf16`` decode tokens/s.
+    ``met`` needs the ratio of medians over rounds and the ratio of the best rounds at or above
+    the target (as for the kernels: they agree on a quiet machine)."""
+    out = []
+    for r in rows:
+        if r.get("kind") != "e2e":
+            continue
+        target = r.get("target", E2E_TARGET)
+        for b in r["rows"]:
+            med, best = b["ratio_bf16"], b.get("ratio_bf16_best")
+            ok_med, ok_best = med >= target, best is not None and best >= target
+            verdict = ("met" if ok_med and ok_best else "met (median only)" if ok_med
+                       else "met (best rounds only)" if ok_best else "MISSED")
+            out.append({"model": r["model"], "algo": r["label"], "batch": b["batch"], "target": target,
+                        "ratio": med, "ratio_best": best, "tok_s": b["tok_s"], "bf16_tok_s": b["bf16_tok_s"],
+                        "verdict": verdict})
+    return out
+
+
+def md_e2e(machine, rows) -> str | None:
+    e2e = [r for r in rows if r.get("kind") == "e2e"]
+    if not e2e:
+        return None
+    ab = machine.get("ascend_quant_bench", {})
+    isa = ", ".join(k for k, v in ab.get("isa", {}).items() if v) or "?"
+    loads = [v for r in e2e for v in (r.get("load_before"), r.get("load_after")) if isinstance(v, (int, float))]
+    r0 = e2e[0]
+    L: list[str] = []
+    L.append("# End to end: vLLM decode throughput, quantized vs bf16")
+    L.append("")
+    L.append("Generated by `bench/report.py` from `bench/test_bench_e2e.py` rows (the work is done by "
+             "`bench/e2e_decode.py`; models: `bench/e2e_models.py`).")
+    L.append("")
+    L.append(f"- Run: {machine.get('datetime', '?')}, commit {str(machine.get('commit') or '?')[:12]}; "
+             f"CPU {ab.get('cpu_model', '?')} ({ab.get('cpu_count', '?')} cores; {isa}; "
+             f"AMX {'yes' if ab.get('amx') else 'no'}); torch {ab.get('torch', '?')}, vLLM {ab.get('vllm', '?')}")
+    L.append(f"- vLLM offline `LLM.generate`, one process holding both engines (bf16, and the same model "
+             f"quantized with `quantization=\"ascend\"`), dtype bfloat16, "
+             f"{'torch.compile' if r0.get('compile') else 'eager (`enforce_eager`)'}, "
+             f"{r0.get('torch_threads', '?')} torch threads, greedy, `ignore_eos`, distinct prompts, prefix "
+             "caching off")
+    L.append(f"- Decode tokens/s = B × {r0['new_tokens']} / (t({r0['short_tokens']} + {r0['new_tokens']} tokens) − "
+             f"t({r0['short_tokens']} tokens)): the prefill and the first decode steps cancel. "
+             f"{r0['rounds']} rounds per engine after a warm-up, the two engines interleaved (ABBA); "
+             "speed-up = ratio of the medians over rounds; `best rounds` = ratio of each engine's fastest round")
+    if loads:
+        L.append(f"- Noise: load average {min(loads):.1f}–{max(loads):.1f} during these rows "
+                 f"({ab.get('cpu_count', 2)} cores)")
+    L.append("")
+
+    models = list(dict.fromkeys(r["model"] for r in e2e))
+    L.append("## Models (random weights, fixed seed; 400-token vocabulary, lm_head kept in bf16)")
+    L.append("")
+    L.append("| model | architecture | layers | hidden | attention | MLP | bf16 weights (decoder layers) |")
+    L.append("|---|---|---|---|---|---|---|")
+    for mname in models:
+        r = _find(e2e, model=mname)
+        sp, wf = r["spec"], r["bf16_weight_bytes"]
+        mlp = (f"{sp['experts']} experts, top-{sp['top_k']}, intermediate {sp['moe_intermediate']}" if sp.get("experts")
+               else f"intermediate {sp['intermediate']}")
+        L.append(f"| {mname} | {sp['arch']} | {sp['layers']} | {sp['hidden']} | {sp['heads']} q / {sp['kv_heads']} kv "
+                 f"heads of {sp['head_dim']} | {mlp} | {wf['total'] / 2**20:.0f} MiB ({wf['layers'] / 2**20:.0f} MiB) |")
+    L.append("")
+
+    L.append(f"## Decode tokens/s and speed-up over bf16 (target ≥ {E2E_TARGET:g}×)")
+    L.append("")
+    L.append("| model | algorithm | batch | bf16 tok/s | quantized tok/s | speed-up (medians) | best rounds | verdict |")
+    L.append("|---|---|---|---|---|---|---|---|")
+    for t in e2e_targets(rows):
+        L.append(f"| {t['model']} | {t['algo']} | {t['batch']} | {t['bf16_tok_s']:.1f} | {t['tok_s']:.1f} | "
+                 f"**{t['ratio']:.2f}×** | {_fmt_ratio(t['ratio_best'])} | {t['verdict']} |")
+    L.append("")
+
+    L.append("## Resident weight bytes after loading, and the decode step against the streaming limit")
+    L.append("")
+    L.append("Decoder layers: the linear and MoE expert layers (what quantization changes: our prepared layers' "
+             "`resident_bytes()`, vLLM's bf16 weights); total adds embeddings, norms, routers, lm_head. "
+             "Read per step at B = 1: the weights one decode step reads (MoE: the top-k of the experts); "
+             f"GB/s = that × steps/s; fraction of the issue's {STREAM_LIMIT_GBS:g} GB/s.")
+    L.append("")
+    L.append("| model | weights | decoder layers MiB | vs bf16 | total MiB | read per step (B=1) MiB | B=1 GB/s | "
+             f"of {STREAM_LIMIT_GBS:g} GB/s | kernels |")
+    L.append("|---|---|---|---|---|---|---|---|---|")
+    for mname in models:
+        rs = [r for r in e2e if r["model"] == mname]
+        wf = rs[0]["bf16_weight_bytes"]
+        b1 = [next((b for b in r["rows"] if b["batch"] == 1), None) for r in rs]
+        f_gbs = statistics.median([b["bf16_weight_gbs"] for b in b1 if b and "bf16_weight_gbs" in b] or [float("nan")])
+        L.append(f"| {mname} | bf16 | {wf['layers'] / 2**20:.0f} | 1.00 | {wf['total'] / 2**20:.0f} | "
+                 f"{wf['step_b1'] / 2**20:.0f} | {f_gbs:.1f} | {f_gbs / STREAM_LIMIT_GBS * 100:.0f}% | vLLM |")
+        for r, b in zip(rs, b1):
+            wq = r["weight_bytes"]
+            gbs = b.get("weight_gbs", float("nan")) if b else float("nan")
+            kern = ", ".join(f"{k}: {v}" for k, v in r.get("kernels", {}).items())
+            L.append(f"| {mname} | {r['label']} | {wq['layers'] / 2**20:.0f} | {wq['layers'] / wf['layers']:.3f} | "
+                     f"{wq['total'] / 2**20:.0f} | {wq['step_b1'] / 2**20:.0f} | {gbs:.1f} | "
+                     f"{gbs / STREAM_LIMIT_GBS * 100:.0f}% | {kern} |")
+    L.append("")
+    L.append("bf16 GB/s is the median over the rows of that model (each row measures bf16 again, interleaved "
+             "with its quantized engine).")
+    L.append("")
+
+    L.append("## Every round (tokens/s)")
+    L.append("")
+    L.append("| model | algorithm | batch | quantized, per round | bf16, per round | load before → after |")
+    L.append("|---|---|---|---|---|---|")
+    for r in e2e:
+        for b in r["rows"]:
+            L.append(f"| {r['model']} | {r['label']} | {b['batch']} | "
+                     + ", ".join(f"{v:.1f}" for v in b["tok_s_rounds"]) + " | "
+                     + ", ".join(f"{v:.1f}" for v in b["bf16_tok_s_rounds"])
+                     + f" | {r.get('load_before')} → {r.get('load_after')} |")
+    L.append("")
+
+    prof = [r for r in e2e if r.get("profile")]
+    if prof:
+        L.append("## Where a decode step goes (torch.profiler, top operators by self CPU time)")
+        L.append("")
+        for r in prof:
+            for eng, per_b in r["profile"].items():
+                for b, ops in per_b.items():
+                    top = "; ".join(f"`{o['op'][:60]}` {o['share'] * 100:.0f}%" for o in ops[:8])
+                    L.append(f"- {r['model']} {eng} B={b}: {top}")
+        L.append("")
+    return "\n".join(L) + "\n"
+
+
+def chart_e2e(rows, path: Path) -> bool:
+    """Speed-up over bf16 per (model, algorithm), bars for each batch size, the target as a line."""
+    e2e = [r for r in rows if r.get("kind") == "e2e"]
+    if not e2e:
+        return False
+    groups = [(r["model"], r["label"]) for r in e2e]
+    batches = sorted({b["batch"] for r in e2e for b in r["rows"]})
+    vals = {(r["model"], r["label"], b["batch"]): b["ratio_bf16"] for r in e2e for b in r["rows"]}
+    finite = [v for v in vals.values() if v and math.isfinite(v)]
+    hi = min(8.0, max(2.0, math.ceil(max(finite + [0.0]) * 2) / 2))      # bars over 8x are clipped
+    step = 0.5 if hi <= 4 else 1.0
+    W, H = 1000, 520
+    left, right, top, bottom = 80, W - 20, 70, H - 100
+    c = Canvas(W, H)
+    c.text(left, 14, "VLLM DECODE TOKENS/S, QUANTIZED OVER BF16 (SAME-RUN MEDIANS)", scale=2)
+
+    def y_of(v: float) -> float:
+        return bottom - v / hi * (bottom - top)
+
+    v = 0.0
+    while v <= hi + 1e-9:
+        y = y_of(v)
+        c.rect(left, y, right, y + 1, (210, 210, 210))
+        c.text(8, y - 7, f"{v:g}x", scale=2)
+        v += step
+    c.rect(left, y_of(1.0), right, y_of(1.0) + 2, (0, 0, 0))
+    gw = (right - left) / len(groups)
+    bw_ = gw * 0.7 / len(batches)
+    for gi, (mname, algo) in enumerate(groups):
+        x0 = left + gi * gw + gw * 0.15
+        for bi, b in enumerate(batches):
+            val = vals.get((mname, algo, b))
+            if val and math.isfinite(val):
+                c.rect(x0 + bi * bw_, y_of(0), x0 + (bi + 1) * bw_ - 3, y_of(min(val, hi)), _COLORS[bi % len(_COLORS)])
+                lab = f"{val:.2f}x"
+                c.text(int(x0 + bi * bw_ + (bw_ - 3 - 12 * len(lab)) / 2), int(y_of(min(val, hi))) - 18, lab, scale=2)
+        lab = f"{mname} {SHORT.get(algo, algo)}"
+        c.text(int(left + gi * gw + (gw - 6 * len(lab) * 2) / 2), bottom + 12, lab, scale=2)
+    yt = y_of(E2E_TARGET)
+    for x in range(left, right, 16):
+        c.rect(x, yt, x + 9, yt + 2, (214, 39, 40))
+    c.text(right - 150, int(yt) - 18, f"TARGET {E2E_TARGET:g}X", c=(214, 39, 40), scale=2)
+    x = left
+    for bi, b in enumerate(batches):
+        c.rect(x, H - 40, x + 16, H - 24, _COLORS[bi % len(_COLORS)])
+        x = c.text(x + 22, H - 39, f"BATCH {b}", scale=2) + 24
     c.save(path)
     return True
 
@@ -559,11 +784,21 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "linear.md").write_text(md_report(machine, rows, skips, bw, bw_note, targets))
     drew = chart(rows, skips, args.out / "linear_speedup.png")
+    e2e_md = md_e2e(machine, rows)
+    e2e_t = e2e_targets(rows)
+    if e2e_md:
+        (args.out / "e2e.md").write_text(e2e_md)
+        chart_e2e(rows, args.out / "e2e_speedup.png")
     (args.out / "results.json").write_text(json.dumps(
-        {"machine": machine, "read_bandwidth_gbs": bw, "targets": targets, "rows": rows, "not_timed": skips},
+        {"machine": machine, "read_bandwidth_gbs": bw, "stream_limit_gbs": STREAM_LIMIT_GBS, "targets": targets,
+         "e2e_targets": e2e_t, "rows": rows, "not_timed": skips},
         indent=1, default=str) + "\n")
     print(f"wrote {args.out / 'linear.md'}, {args.out / 'results.json'}"
-          + (f", {args.out / 'linear_speedup.png'}" if drew else " (no linear rows: no chart)"))
+          + (f", {args.out / 'linear_speedup.png'}" if drew else " (no linear rows: no chart)")
+          + (f", {args.out / 'e2e.md'}, {args.out / 'e2e_speedup.png'}" if e2e_md else ""))
+    for t in e2e_t:
+        print(f"  target e2e {t['model']:<6} {t['algo']:<14} B={t['batch']:<3} >= {t['target']:.1f}x bf16 decode tok/s: "
+              f"{t['verdict']} ({t['ratio']:.2f}x)")
     missed = [t for t in targets if not t["verdict"].startswith("met")]
     for t in targets:
         print(f"  target {t['algo']:<24} M={t['m'] if t['m'] is not None else 'all':<4} vs {t['against']:<22} "

@@ -83,3 +83,24 @@ def test_w4a16_keeps_only_the_packed_int4_copy(backend, n, k, group, m):
     assert p.resident_bytes() <= n * k // 2 + wts.scale.numel() * 4 + wts.int4_scale_zeros.numel() * 2 + 1024
     with _tile_bytes(64 * k * 2):      # several tiles of 64 rows each at large M
         check_linear(backend, "W4A16", tensors, x, "bfloat16", None, kernel="auto", group_size=group)
+
+
+def test_workspace_made_under_inference_mode_is_not_reused_outside_it(backend):
+    """vLLM calls the kernels under torch.inference_mode; a later call outside it (a test, a
+    script in the same process) must not write into the inference-mode scratch buffer."""
+    if backend != "cpu":
+        pytest.skip("dequant-bf16 is a kernel of the cpu backend")
+    import torch
+
+    from ascend_quant.optimized import apply_linear, prepare_linear
+    from ascend_quant.reference import weight_quant as wq
+
+    rng = np.random.default_rng(7)
+    tensors = wq.quantize_w8a16(rng.standard_normal((8, 32)).astype(np.float32))
+    x = torch.from_numpy(rng.standard_normal((3, 32)).astype(np.float32)).to(torch.bfloat16)
+    p = prepare_linear("W8A16", tensors, dtype="bfloat16", kernel="dequant-bf16")
+    with _tile_bytes(1 << 20):
+        with torch.inference_mode():
+            inside = apply_linear(p, x).clone()
+        outside = apply_linear(p, x)
+    assert torch.equal(inside.view(torch.int16), outside.view(torch.int16))   # same kernel, same bits

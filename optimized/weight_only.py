@@ -196,13 +196,15 @@ def dequantize_f32(wts: WeightOnlyWeights) -> torch.Tensor:
 
 class _Workspace(threading.local):
     """One flat scratch tensor per thread, dtype and device, grown on demand and reused by
-    every call of every layer (a model's layers run one after another on a thread)."""
+    every call of every layer (a model's layers run one after another on a thread). A buffer
+    made under ``torch.inference_mode`` (vLLM runs there) is an inference tensor, which may not
+    be written outside that mode: buffers are kept per mode."""
 
     def __init__(self):
-        self.buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        self.buffers: dict[tuple[torch.dtype, torch.device, bool], torch.Tensor] = {}
 
     def get(self, numel: int, dt: torch.dtype, device: torch.device) -> torch.Tensor:
-        key = (dt, device)
+        key = (dt, device, torch.is_inference_mode_enabled())
         buf = self.buffers.get(key)
         if buf is None or buf.numel() < numel:
             buf = torch.empty(numel, dtype=dt, device=device)

@@ -100,13 +100,17 @@ def test_qwen2_biases_and_quantized_lm_head(registered, quantized_model, support
     support.assert_fp32(result, ["W8A8", "W8A8_DYNAMIC"])
 
 
-def test_fused_shards_with_different_per_tensor_values(registered, quantized_model, support, models):
+def test_fused_shards_with_different_flatquant_factors_are_rejected_at_load(registered, quantized_model, support,
+                                                                           models):
     """q/k/v (and gate/up) with their own FlatQuant factors, which msModelSlim never writes: vLLM
-    Ascend would keep only the last shard's factors; we run the shards as separate linears."""
+    Ascend loads one factor pair per fused layer (the last shard's) and would compute a silently
+    wrong answer, so the load-time validator refuses the checkpoint, naming the shards."""
+    from ascend_quant.vllm_integration.config import find_checkpoint_error
+
     model_dir = quantized_model("llama", "W4A4_FLATQUANT_DYNAMIC", flatquant_shared=False)
-    with support.capture_quantized_io() as cap:
-        gens = support.run_vllm(model_dir, models.PROMPTS, dtype="float32")
-    check_layers(support, model_dir, cap, "float32", "llama")
-    result = support.compare_with_reference(model_dir, gens, algo="FlatQuant per-shard", dtype="float32")
-    print(result.summary())
-    support.assert_fp32(result, ["W4A4_FLATQUANT_DYNAMIC"])
+    with pytest.raises(Exception) as ei:
+        support.run_vllm(model_dir, models.PROMPTS, dtype="float32")
+    err = find_checkpoint_error(ei.value)
+    assert err is not None, f"expected the project's CheckpointError, got {type(ei.value).__name__}: {ei.value}"
+    assert "k_proj.left_trans: differs from model.layers.0.self_attn.q_proj.left_trans" in str(err)
+    assert "share one left_trans" in str(err)

@@ -462,8 +462,8 @@ def test_swiglu_rounds_once():
 
 @given(data=st.data())
 def test_swiglu_rounding_fast_path_is_exact(data):
-    """``optimized.moe._round_f64`` (float32 first, exact fallback on float32 midpoints of the
-    target) against the reference's single rounding, on float64 values at, next to, and a
+    """``optimized.activation_quant.round_f64_to_dtype`` (the SwiGLU's final rounding: float32
+    first, exact fallback on float32 midpoints of the target) against the reference's single rounding, on float64 values at, next to, and a
     few float64 ulps around midpoints of bf16/fp16 (subnormal ones included), plus random,
     huge (overflow), tiny, infinite and NaN values. 0 ulp: both are correctly rounded."""
     dt = data.draw(st.sampled_from(("bfloat16", "float16")), label="dtype")
@@ -482,8 +482,10 @@ def test_swiglu_rounding_fast_path_is_exact(data):
     x = x * rng.choice([-1.0, 1.0], x.size)
     with np.errstate(all="ignore"):
         expect = round_to_dtype(x, npdt)
-    got = om._round_f64(torch.from_numpy(x), om.torch_model_dtype(dt))
-    with repro(f"_round_f64(torch.from_numpy(x), {dt!r})", x=x):
+    from ascend_quant.optimized.activation_quant import round_f64_to_dtype
+
+    got = round_f64_to_dtype(torch.from_numpy(x), om.torch_model_dtype(dt))
+    with repro(f"round_f64_to_dtype(torch.from_numpy(x), {dt!r})", x=x):
         assert_bitexact(got, expect, what=f"float64 -> {dt} rounded once")
 
 

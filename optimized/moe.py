@@ -201,31 +201,6 @@ def route(
 # SwiGLU
 # --------------------------------------------------------------------------------------
 
-#: f32 bits that must be zero for a float32 value to be a rounding midpoint of ``dt`` (it then
-#: has at most p + 1 significant bits: 9 for bfloat16, 12 for float16).
-_MIDPOINT_LOW_BITS = {torch.bfloat16: 0x7FFF, torch.float16: 0xFFF}
-
-
-def _round_f64(x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
-    """float64 -> ``dt`` rounded once (RNE): ``round_f64_to_dtype``, with a fast path.
-
-    ``f = f32(x)`` then ``dt(f)`` is the correctly rounded value unless ``f`` is exactly a
-    rounding midpoint of ``dt`` while ``x`` is not (``dt``'s midpoints are float32 values, and
-    rounding to float32 is monotonic, so ``f`` never crosses one). Midpoints have their low
-    float32 bits zero (:data:`_MIDPOINT_LOW_BITS`); only elements with ``f != x`` and those
-    bits zero (rare) go through ``optimized.activation_quant.round_f64_to_dtype``.
-    """
-    if dt == torch.float32:
-        return x.to(torch.float32)
-    f = x.to(torch.float32)
-    out = f.to(dt)
-    maybe = (f.view(torch.int32) & _MIDPOINT_LOW_BITS[dt]) == 0
-    maybe &= f.to(torch.float64) != x
-    if bool(maybe.any()):
-        out[maybe] = round_f64_to_dtype(x[maybe], dt)
-    return out
-
-
 def _swiglu_f64(g: torch.Tensor, u: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
     """``dt((g * sigmoid(g)) * u)`` in float64, rounded once: the reference's op sequence."""
     g = g.to(torch.float64)
@@ -233,7 +208,7 @@ def _swiglu_f64(g: torch.Tensor, u: torch.Tensor, dt: torch.dtype) -> torch.Tens
     ez = g.abs().neg_().exp_()                          # e^-|g| <= 1: no overflow
     den = ez + 1.0
     sig = ez.masked_fill_(g >= 0, 1.0).div_(den)        # 1/(1+e^-|g|) or e^-|g|/(1+e^-|g|)
-    return _round_f64(sig.mul_(g).mul_(u), dt)
+    return round_f64_to_dtype(sig.mul_(g).mul_(u), dt)
 
 
 #: Fast SwiGLU per target dtype: (f32 bits dropped by the rounding, their midpoint pattern,

@@ -98,10 +98,10 @@ def prepare_npu(algo, npt, dims, n, k, dt, bias, options):
                                            pertoken_scale=s_tok, bias=st["bias"], output_dtype=dt)
             return y
     elif algo in (A.W8A16, A.W4A16):
-        from .prepare import _group_size
+        from ..reference.linear import resolve_group_size
         from .packing import unpack_int32_offset8_to_int4
 
-        g = _group_size("weight_scale", k, dims["G"], options["group_size"])
+        g = resolve_group_size("weight_scale", k, dims["G"], options["group_size"])
         s = _round_through(_f32(npt["weight_scale"]), dt)
         if algo == A.W8A16:
             q = _to_torch(npt["weight"])

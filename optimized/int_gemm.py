@@ -206,13 +206,15 @@ class OneDnnGemvIntGemm(OneDnnIntGemm):
         extra = 0 if self._view is None else self._colsum128.numel() * 4
         return super().resident_bytes() + extra
 
-    def pertoken(self, x: torch.Tensor, qmax: int, bias32: torch.Tensor | None) -> torch.Tensor | None:
+    def pertoken(self, x: torch.Tensor, qmax: int, bias32: torch.Tensor | None,
+                 col_scale: torch.Tensor | None = None) -> torch.Tensor | None:
         """Per-token quantization + GEMM + epilogue up to the output rounding in one native
-        call (:func:`vnni_gemv.pertoken_gemv`), for small M; ``None``: use the general path."""
+        call (:func:`vnni_gemv.pertoken_gemv`), for small M; ``None``: use the general path.
+        ``col_scale`` (float32 ``[N]``, contiguous) replaces the kernel's own column scale."""
         if self._view is None or not 0 < x.shape[0] <= self._gemv_mod.GEMV_MAX_M:
             return None
         return self._gemv_mod.pertoken_gemv(self._lib, x, qmax, self._view, self.n, self._colsum128,
-                                            self._scale, bias32)
+                                            self._scale if col_scale is None else col_scale, bias32)
 
     def _f32(self, xq: torch.Tensor) -> torch.Tensor:
         if self._view is not None and 0 < xq.shape[0] <= self._gemv_mod.GEMV_MAX_M:

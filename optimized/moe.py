@@ -600,6 +600,38 @@ def _int_stage(p: PreparedMoE, which: str, xq: torch.Tensor, s_tok: torch.Tensor
     return out.mul_(s_tok.unsqueeze(1))
 
 
+def _fused_stage(p: PreparedMoE, which: str, rows: torch.Tensor, bounds) -> torch.Tensor | None:
+    """One expert projection per native call (``IntGemm.pertoken``: quantize the rows,
+    GEMV, ``f32(f32(acc) * S[n]) * s[m]``), the values of :func:`_int_stage` on the
+    quantized rows; ``None`` if a kernel declines (a row needing the general quantizer)."""
+    st = p.state
+    gemms = st["gemm13" if which == "w13" else "gemm2"]
+    scale = st["scale13" if which == "w13" else "scale2"]
+    out = torch.empty((rows.shape[0], scale.shape[2]), dtype=torch.float32, device=rows.device)
+    for e, start, end in bounds:
+        t = gemms[e][0].pertoken(rows[start:end], 127, None, scale[e, 0])
+        if t is None:
+            return None
+        out[start:end] = t
+    return out
+
+
+def _fused_int_stages(p: PreparedMoE, rows: torch.Tensor, bounds):
+    """Steps 1-4 of :func:`apply_moe` through native per-expert calls at small T (every
+    expert's rows within the GEMV's M), per-channel scales only; ``None``: general path."""
+    st = p.state
+    if st.get("scale13_f64") is not None or not all(
+            hasattr(st[w][e][0], "pertoken") for w in ("gemm13", "gemm2") for e, _, _ in bounds):
+        return None
+    h = _fused_stage(p, "w13", rows, bounds)
+    if h is None:
+        return None
+    h = h.to(p.mid_dtype)
+    a = swiglu(h, p.mid_dtype)
+    o = _fused_stage(p, "w2", a, bounds)
+    return None if o is None else (h, a, o.to(p.mid_dtype))
+
+
 def _weight_only_stage(p: PreparedMoE, which: str, rows: torch.Tensor, bounds) -> torch.Tensor:
     run = WEIGHT_ONLY_KERNELS[p.kernel][0]
     wts = p.state["wo13" if which == "w13" else "wo2"]
@@ -654,6 +686,8 @@ def apply_moe(prepared: PreparedMoE, x: torch.Tensor, topk_weights: torch.Tensor
         o = _weight_only_stage(p, "w2", a, bounds)
         if trace is not None:
             trace.update(x_rows=rows)
+    elif trace is None and (fused := _fused_int_stages(p, x.index_select(0, src), bounds)) is not None:
+        h, a, o = fused
     else:
         xq_t, s0_t = quantize_dynamic_per_token(x, 8)
         xq, s0 = xq_t.index_select(0, src), s0_t.index_select(0, src)

@@ -112,16 +112,64 @@ uint8_t* scratch(int64_t m, int64_t kp) {
     return (uint8_t*)aligned_alloc(64, (size_t)(((m * kp) + 63) / 64 * 64));
 }
 
-inline float load_f32(const void* x, int dtype, int64_t i) {
-    if (dtype == 0) return ((const float*)x)[i];
-    const uint16_t h = ((const uint16_t*)x)[i];
-    if (dtype == 1) {  // bfloat16: the high half of a float32
-        uint32_t u = (uint32_t)h << 16;
-        float f;
-        memcpy(&f, &u, 4);
-        return f;
+// Row r of x as float32 (exact conversions) into xf[0 .. k).
+void row_to_f32(const void* x, int dtype, int64_t r, int64_t k, float* xf) {
+    if (dtype == 0) {
+        memcpy(xf, (const float*)x + r * k, (size_t)k * 4);
+        return;
     }
-    return _cvtsh_ss(h);  // float16 -> float32 (exact)
+    const uint16_t* h = (const uint16_t*)x + r * k;
+    int64_t i = 0;
+    for (; i + 16 <= k; i += 16) {
+        const __m256i v = _mm256_loadu_si256((const __m256i*)(h + i));
+        const __m512 f = dtype == 1
+            ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16))   // bfloat16
+            : _mm512_cvtph_ps(v);                                                      // float16
+        _mm512_storeu_ps(xf + i, f);
+    }
+    for (; i < k; ++i) {
+        if (dtype == 1) {
+            const uint32_t u = (uint32_t)h[i] << 16;
+            memcpy(xf + i, &u, 4);
+        } else {
+            xf[i] = _cvtsh_ss(h[i]);
+        }
+    }
+}
+
+// npu_dynamic_quant of one float32 row into u = q + 128 (padded with 128 up to kp).
+// Returns false (nothing written) unless max|x| is finite and > 0 and qmax / max is finite.
+bool quant_row(const float* xf, int64_t k, int64_t kp, float qmax, uint8_t* dst, float* s_tok) {
+    __m512 vmax = _mm512_setzero_ps();
+    __mmask16 nan = 0;
+    int64_t i = 0;
+    for (; i + 16 <= k; i += 16) {
+        const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(xf + i));
+        nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+        vmax = _mm512_max_ps(vmax, a);
+    }
+    if (i < k) {
+        const __mmask16 t = (__mmask16)((1u << (k - i)) - 1u);
+        const __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(t, xf + i));
+        nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+        vmax = _mm512_max_ps(vmax, a);
+    }
+    const float mx = _mm512_reduce_max_ps(vmax);
+    const float rr = qmax / mx;                                   // IEEE division
+    if (nan || !(mx > 0.0f) || !std::isfinite(mx) || !std::isfinite(rr)) return false;
+    const __m512 vr = _mm512_set1_ps(rr), hi = _mm512_set1_ps(qmax), lo = _mm512_set1_ps(-qmax);
+    const __m512i off = _mm512_set1_epi32(128);
+    for (i = 0; i < k; i += 16) {
+        const __mmask16 t = k - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (k - i)) - 1u);
+        __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(t, xf + i), vr);
+        v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);   // RNE
+        v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+        const __m512i u = _mm512_add_epi32(_mm512_cvtps_epi32(v), off);             // exact ints
+        _mm_mask_storeu_epi8(dst + i, t, _mm512_cvtepi32_epi8(u));
+    }
+    for (i = k; i < kp; ++i) dst[i] = 0x80u;
+    *s_tok = mx / qmax;                                           // IEEE division
+    return true;
 }
 
 }  // namespace
@@ -161,28 +209,20 @@ int aq_pertoken_gemv(const void* x, int dtype, int64_t m, int64_t k, float qmax,
     if (m <= 0) return 0;
     uint8_t* xu = scratch(m, kp);
     if (!xu) return -1;
+    float* xf = (float*)aligned_alloc(64, (size_t)((k * 4 + 63) / 64 * 64));
+    if (!xf) {
+        free(xu);
+        return -1;
+    }
     for (int64_t r = 0; r < m; ++r) {
-        float mx = 0.0f;
-        bool nan = false;
-        for (int64_t i = 0; i < k; ++i) {
-            const float a = fabsf(load_f32(x, dtype, r * k + i));
-            nan |= (a != a);
-            mx = a > mx ? a : mx;
-        }
-        const float rr = qmax / mx;
-        if (nan || !(mx > 0.0f) || !std::isfinite(mx) || !std::isfinite(rr)) {
+        row_to_f32(x, dtype, r, k, xf);
+        if (!quant_row(xf, k, kp, qmax, xu + r * kp, s_tok + r)) {
+            free(xf);
             free(xu);
             return 1;
         }
-        uint8_t* dst = xu + r * kp;
-        for (int64_t i = 0; i < k; ++i) {
-            float v = nearbyintf(load_f32(x, dtype, r * k + i) * rr);   // RNE (default mode)
-            v = v > qmax ? qmax : (v < -qmax ? -qmax : v);
-            dst[i] = (uint8_t)((int)v + 128);
-        }
-        for (int64_t i = k; i < kp; ++i) dst[i] = 0x80u;
-        s_tok[r] = mx / qmax;
     }
+    free(xf);
     Epilogue e{colsum128, scale, s_tok, bias};
     run_blocks(xu, m, kp, w, np_, n, e, out, nthreads);
     free(xu);

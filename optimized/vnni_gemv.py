@@ -45,14 +45,14 @@ __all__ = ["GEMV_MAX_M", "MAX_GEMV_KP", "library", "verified_view", "colsum128",
 
 #: Largest M the GEMV serves; larger M goes to the oneDNN matmul. Measured crossover (one
 #: thread, K = N = 4096, bf16 model, cold cache): see bench/results/linear.md.
-GEMV_MAX_M = int(os.environ.get("ASCEND_QUANT_GEMV_MAX_M", "8"))
+GEMV_MAX_M = int(os.environ.get("ASCEND_QUANT_GEMV_MAX_M", "16"))
 #: ``sum(u w)`` with u <= 255, |w| <= 128 stays in int32 for Kp <= 65536.
 MAX_GEMV_KP = 65536
 
 _SOURCE = Path(__file__).with_name("vnni_gemv.cpp")
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw",
-          "-mavx512vnni", "-mf16c", "-ffp-contract=off", "-fno-math-errno"]
-_CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni", "f16c")
+          "-mavx512vnni", "-mavx512vl", "-mf16c", "-ffp-contract=off", "-fno-math-errno"]
+_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c")
 
 
 def _cpu_flags() -> set[str]:

@@ -113,12 +113,14 @@ def test_disabled_by_environment(monkeypatch):
 
 
 @needs_lib
-@given(n=_SIZES, k=_SIZES, m=st.integers(1, vg.GEMV_MAX_M), bits=st.sampled_from([8, 4]),
+@given(n=_SIZES, k=_SIZES, m=st.one_of(st.integers(1, vg.GEMV_MAX_M), st.integers(vg.GEMV_MAX_M + 1, vg.GEMV_MAX_M + 24)),
+       bits=st.sampled_from([8, 4]),
        dtype=st.sampled_from(["bfloat16", "float16", "float32"]), data=st.data())
 def test_fused_pertoken_linear_matches_the_unfused_path(n, k, m, bits, dtype, data):
-    """quantize + GEMV + ``* s_tok + bias`` in one native call equals the torch path (the
-    quantizer itself is conformance-tested against the reference): bit for bit in float32,
-    ``None`` exactly when a row needs the general path (zero, non-finite, tiny maximum)."""
+    """quantize + GEMV + ``* s_tok + bias`` in one native call (M <= GEMV_MAX_M), or native
+    quantizer + oneDNN + native epilogue (larger M), equals the torch path (the quantizer
+    itself is conformance-tested against the reference): bit for bit in float32, ``None``
+    exactly when a row needs the general path (zero, non-finite, tiny maximum)."""
     from ascend_quant.optimized.activation_quant import quantize_dynamic_per_token
     from . import strategies as hh
 
@@ -144,3 +146,34 @@ def test_fused_pertoken_linear_matches_the_unfused_path(n, k, m, bits, dtype, da
     if bias is not None:
         want = want + bias
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    # rounded to the model dtype by the native epilogue where it does (larger M): torch's
+    # .to(dtype) values; NaN positions equal (a NaN sends the rounding back to torch)
+    got_dt = g.pertoken(xt, 7 if bits == 4 else 127, bias, out_dtype=xt.dtype).to(xt.dtype)
+    want_dt = want.to(xt.dtype)
+    assert torch.equal(torch.isnan(got_dt), torch.isnan(want_dt))
+    ok = ~torch.isnan(want_dt)
+    assert torch.equal(got_dt[ok], want_dt[ok])
+
+
+@needs_lib
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_native_rounding_is_torchs_on_ties_and_overflow(dtype):
+    """The native epilogue's float32 -> bf16/fp16 rounding on the values random draws rarely
+    reach: exact ties (even and odd last kept bit, both signs), just above/below a tie, the
+    largest finite values (rounding up to inf), infinities, subnormals, zeros; multiplied by
+    s_tok = 1 and 2^-3 (exact), with and without a bias of zeros."""
+    kept = 16 if dtype == torch.bfloat16 else 13            # float32 bits dropped
+    rng = np.random.default_rng(5)
+    base = rng.integers(0x00800000, 0x7F000000, 512, dtype=np.int64) & ~((1 << kept) - 1)
+    half = 1 << (kept - 1)
+    bits = np.concatenate([base + half, base + half - 1, base + half + 1, base + (1 << kept) + half,
+                           [0x7F7FFFFF, 0x7F7F8000, 0x477FF000, 0x477FEFFF, 0x7F800000, 0x00000001, 0x00400000, 0]])
+    bits = np.concatenate([bits, bits | 0x80000000]).astype(np.uint32)
+    t = torch.from_numpy(bits.view(np.float32).copy()).reshape(16, 257)      # 257: a ragged last vector
+    for s in (1.0, 0.125):
+        s_tok = torch.full((t.shape[0],), s)
+        for bias in (None, torch.zeros(257)):
+            got = vg.rowscale_bias(LIB, t.clone(), s_tok, bias, dtype)
+            want = t * s_tok.unsqueeze(1)
+            want = (want if bias is None else want + bias).to(dtype)    # -0 + 0 = +0
+            assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (dtype, s, bias is None)

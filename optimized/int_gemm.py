@@ -207,14 +207,29 @@ class OneDnnGemvIntGemm(OneDnnIntGemm):
         return super().resident_bytes() + extra
 
     def pertoken(self, x: torch.Tensor, qmax: int, bias32: torch.Tensor | None,
-                 col_scale: torch.Tensor | None = None) -> torch.Tensor | None:
+                 col_scale: torch.Tensor | None = None,
+                 out_dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
         """Per-token quantization + GEMM + epilogue up to the output rounding in one native
-        call (:func:`vnni_gemv.pertoken_gemv`), for small M; ``None``: use the general path.
-        ``col_scale`` (float32 ``[N]``, contiguous) replaces the kernel's own column scale."""
-        if self._view is None or not 0 < x.shape[0] <= self._gemv_mod.GEMV_MAX_M:
+        call (:func:`vnni_gemv.pertoken_gemv`) for small M, three for larger M; ``None``: use
+        the general path.
+        ``col_scale`` (float32 ``[N]``, contiguous) replaces the kernel's own column scale.
+        The result is float32 or, where that saves a pass, already rounded to ``out_dtype``."""
+        if self._lib is None or x.shape[0] == 0 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
             return None
-        return self._gemv_mod.pertoken_gemv(self._lib, x, qmax, self._view, self.n, self._colsum128,
-                                            self._scale if col_scale is None else col_scale, bias32)
+        scale = self._scale if col_scale is None else col_scale
+        if self._view is not None and x.shape[0] <= self._gemv_mod.GEMV_MAX_M:
+            return self._gemv_mod.pertoken_gemv(self._lib, x, qmax, self._view, self.n, self._colsum128,
+                                                scale, bias32)
+        # larger M: native quantizer straight to oneDNN's unsigned input, oneDNN's matmul with
+        # the column scale fused (f32(acc) * scale[n]), native row-scale + bias epilogue
+        quant = self._gemv_mod.quant_pertoken_u8(self._lib, x, qmax)
+        if quant is None:
+            return None
+        u, s_tok = quant
+        w_scale = self._w_scale if col_scale is None else col_scale
+        t = torch.ops.onednn.qlinear_pointwise(
+            u, 1.0, 128, self._packed, w_scale, self._w_zp, None, 1.0, 0, torch.float32, "none", [], "")
+        return self._gemv_mod.rowscale_bias(self._lib, t, s_tok, bias32, out_dtype)
 
     def _f32(self, xq: torch.Tensor) -> torch.Tensor:
         if self._view is not None and 0 < xq.shape[0] <= self._gemv_mod.GEMV_MAX_M:

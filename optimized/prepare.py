@@ -192,9 +192,9 @@ def _fwd_pertoken(p: PreparedLinear, x: torch.Tensor) -> torch.Tensor:
     st = p.state
     fused = getattr(st["gemm"], "pertoken", None)
     if fused is not None:   # onednn-gemv at small M: one native call, same values
-        t = fused(x, QRANGE[st["bits"]][1], st.get("bias32"))
+        t = fused(x, QRANGE[st["bits"]][1], st.get("bias32"), out_dtype=p.dtype)
         if t is not None:
-            return t.to(p.dtype)
+            return t.to(p.dtype)     # no-op where the native epilogue already rounded
     xq, s_tok = quantize_dynamic_per_token(x, st["bits"])
     return _pertoken_epilogue(st["gemm"].scaled(xq), s_tok, st.get("bias32"), p.dtype)
 

@@ -229,4 +229,73 @@ int aq_pertoken_gemv(const void* x, int dtype, int64_t m, int64_t k, float qmax,
     return 0;
 }
 
+// npu_dynamic_quant of every row of x [M, K] (dtype as above) into u = q + 128 (uint8
+// [M, K], the unsigned form oneDNN's VNNI matmul takes) and s_tok [M]. Returns 1 (outputs
+// unspecified) if any row is zero, non-finite or has qmax / max overflowing, else 0;
+// -1 if scratch allocation fails. Rows are spread over nthreads threads.
+int aq_quant_pertoken_u8(const void* x, int dtype, int64_t m, int64_t k, float qmax, uint8_t* u,
+                         float* s_tok, int nthreads) {
+    int bad = 0;
+#pragma omp parallel num_threads(nthreads) reduction(| : bad)
+    {
+        float* xf = (float*)aligned_alloc(64, (size_t)((k * 4 + 63) / 64 * 64));
+        if (!xf) bad |= 2;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < m; ++r) {
+            if (bad || !xf) continue;
+            row_to_f32(x, dtype, r, k, xf);
+            if (!quant_row(xf, k, k, qmax, u + r * k, s_tok + r)) bad |= 1;
+        }
+        free(xf);
+    }
+    return bad & 2 ? -1 : (bad ? 1 : 0);
+}
+
+// t [M, N] float32 in place: t = f32(t * s_tok[m]) [+ bias[n]] (two roundings, no FMA).
+void aq_rowscale_bias(float* t, const float* s_tok, const float* bias, int64_t m, int64_t n, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t r = 0; r < m; ++r) {
+        float* row = t + r * n;
+        const __m512 s = _mm512_set1_ps(s_tok[r]);
+        for (int64_t i = 0; i < n; i += 16) {
+            const __mmask16 mk = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1u);
+            __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, row + i), s);
+            if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, bias + i));
+            _mm512_mask_storeu_ps(row + i, mk, v);
+        }
+    }
+}
+
+// out [M, N] (odtype 1 bfloat16, 2 float16) = dt(f32(t * s_tok[m]) [+ bias[n]]), rounding to
+// nearest even (what torch's .to(dtype) does for every non-NaN value). t is not modified.
+// Returns 1 if a NaN arose (torch's NaN encodings differ between its code paths: the caller
+// redoes the call in torch), else 0.
+int aq_rowscale_bias_out(const float* t, const float* s_tok, const float* bias, void* out, int odtype,
+                         int64_t m, int64_t n, int nthreads) {
+    int nan = 0;
+#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(| : nan)
+    for (int64_t r = 0; r < m; ++r) {
+        const float* row = t + r * n;
+        uint16_t* o = (uint16_t*)out + r * n;
+        const __m512 s = _mm512_set1_ps(s_tok[r]);
+        for (int64_t i = 0; i < n; i += 16) {
+            const __mmask16 mk = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1u);
+            __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, row + i), s);
+            if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, bias + i));
+            nan |= (int)(_mm512_mask_cmp_ps_mask(mk, v, v, _CMP_UNORD_Q) != 0);
+            __m256i h;
+            if (odtype == 1) {  // bits + 0x7FFF + lsb, >> 16: round to nearest even (inf stays inf)
+                const __m512i b = _mm512_castps_si512(v);
+                const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+                const __m512i rb = _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), lsb);
+                h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(rb, 16));
+            } else {
+                h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            }
+            _mm256_mask_storeu_epi16(o + i, mk, h);
+        }
+    }
+    return nan;
+}
+
 }  // extern "C"

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["GEMV_MAX_M", "MAX_GEMV_KP", "library", "verified_view", "colsum128", "gemv", "pertoken_gemv"]
+__all__ = ["GEMV_MAX_M", "MAX_GEMV_KP", "library", "verified_view", "colsum128", "gemv", "pertoken_gemv", "quant_pertoken_u8", "rowscale_bias"]
 
 #: Largest M the GEMV serves; larger M goes to the oneDNN matmul. Measured crossover (one
 #: thread, K = N = 4096, bf16 model, cold cache): see bench/results/linear.md.
@@ -119,6 +119,15 @@ def library() -> tuple[ctypes.CDLL | None, str | None]:
     fn.restype = ctypes.c_int
     fn = lib.aq_pertoken_gemv
     fn.argtypes = [p, ctypes.c_int, i64, i64, ctypes.c_float, p, i64, i64, i64, p, p, p, p, p, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    fn = lib.aq_quant_pertoken_u8
+    fn.argtypes = [p, ctypes.c_int, i64, i64, ctypes.c_float, p, p, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    fn = lib.aq_rowscale_bias
+    fn.argtypes = [p, p, p, i64, i64, ctypes.c_int]
+    fn.restype = None
+    fn = lib.aq_rowscale_bias_out
+    fn.argtypes = [p, p, p, p, ctypes.c_int, i64, i64, ctypes.c_int]
     fn.restype = ctypes.c_int
     return lib, None
 
@@ -198,3 +207,41 @@ def pertoken_gemv(lib: ctypes.CDLL, x: torch.Tensor, qmax: int, view: tuple[int,
     if rc != 0:
         raise MemoryError(f"vnni_gemv: cannot allocate {m * kp} bytes of activation scratch")
     return out
+
+
+def quant_pertoken_u8(lib: ctypes.CDLL, x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(q + 128 as uint8 [M, K], s_tok [M])`` with ``q, s_tok`` exactly
+    :func:`~.activation_quant.quantize_dynamic_per_token`'s; ``None`` if a row needs its
+    general path (zero, non-finite, tiny maximum). One pass over ``x``, rows over threads."""
+    x = x.contiguous()
+    m, k = x.shape
+    u = torch.empty((m, k), dtype=torch.uint8)
+    s_tok = torch.empty(m, dtype=torch.float32)
+    rc = lib.aq_quant_pertoken_u8(x.data_ptr(), _DTYPE_CODE[x.dtype], m, k, float(qmax), u.data_ptr(),
+                                  s_tok.data_ptr(), torch.get_num_threads())
+    if rc == 1:
+        return None
+    if rc != 0:
+        raise MemoryError(f"vnni_gemv: cannot allocate {4 * k} bytes of row scratch")
+    return u, s_tok
+
+
+def rowscale_bias(lib: ctypes.CDLL, t: torch.Tensor, s_tok: torch.Tensor, bias32: torch.Tensor | None,
+                  out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The per-token epilogue's two float32 operations ``f32(t * s_tok[m]) + bias32[n]`` in
+    one pass (``t`` float32 ``[M, N]`` contiguous): in place for a float32 ``out_dtype``, else
+    written rounded to bfloat16 / float16 (``.to(out_dtype)``'s values; a NaN anywhere sends
+    the call through torch, whose NaN encodings the native rounding does not imitate)."""
+    m, n = t.shape
+    if out_dtype in (torch.bfloat16, torch.float16):
+        out = torch.empty((m, n), dtype=out_dtype)
+        nan = lib.aq_rowscale_bias_out(t.data_ptr(), s_tok.data_ptr(),
+                                       None if bias32 is None else bias32.data_ptr(), out.data_ptr(),
+                                       _DTYPE_CODE[out_dtype], m, n, torch.get_num_threads())
+        if not nan:
+            return out
+        t = t.mul(s_tok.unsqueeze(1))
+        return (t if bias32 is None else t.add_(bias32)).to(out_dtype)
+    lib.aq_rowscale_bias(t.data_ptr(), s_tok.data_ptr(), None if bias32 is None else bias32.data_ptr(), m, n,
+                         torch.get_num_threads())
+    return t

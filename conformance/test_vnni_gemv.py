@@ -19,9 +19,15 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
+from ascend_quant.optimized import prepare_linear
 from ascend_quant.optimized import vnni_gemv as vg
+from ascend_quant.optimized.activation_quant import quantize_dynamic_per_token
 from ascend_quant.optimized.dispatch import choose_kernel
 from ascend_quant.optimized.int_gemm import OneDnnGemvIntGemm, OneDnnIntGemm
+from ascend_quant.optimized.prepare import _nan_nonfinite_rows, _static_rows
+
+from . import strategies as hh
+from .test_linear import linear_case
 
 LIB, WHY = vg.library()
 needs_lib = pytest.mark.skipif(LIB is None, reason=f"VNNI GEMV unavailable here: {WHY}")
@@ -68,7 +74,8 @@ def test_gemv_is_the_exact_product(n, k, m, scaled, data):
     acc = x.astype(np.int64) @ w.astype(np.int64).T          # exact
     want = acc.astype(np.float32)                             # f32(acc): RNE of the exact sum
     if scale is not None:
-        want = want * scale                                   # one float32 multiply
+        with np.errstate(over="ignore"):                      # "huge": inf, as float32 gives
+            want = want * scale                               # one float32 multiply
     got = g.scaled(torch.from_numpy(x)).numpy()
     np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
     if scale is None:
@@ -121,9 +128,6 @@ def test_fused_pertoken_linear_matches_the_unfused_path(n, k, m, bits, dtype, da
     quantizer + oneDNN + native epilogue (larger M), equals the torch path (the quantizer
     itself is conformance-tested against the reference): bit for bit in float32, ``None``
     exactly when a row needs the general path (zero, non-finite, tiny maximum)."""
-    from ascend_quant.optimized.activation_quant import quantize_dynamic_per_token
-    from . import strategies as hh
-
     x = data.draw(hh.activations(m, k, dtype, qmax=7 if bits == 4 else 127, allow_nonfinite=True), label="x")
     xt = torch.from_numpy(x.astype(np.float32)).to(getattr(torch, dtype))
     w = _operand(data.draw, (n, k), "w")
@@ -177,3 +181,30 @@ def test_native_rounding_is_torchs_on_ties_and_overflow(dtype):
             want = t * s_tok.unsqueeze(1)
             want = (want if bias is None else want + bias).to(dtype)    # -0 + 0 = +0
             assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (dtype, s, bias is None)
+
+
+@needs_lib
+@pytest.mark.parametrize("algo", ["W8A8", "W8A8_MIX"])
+@given(data=st.data())
+def test_native_static_path_equals_the_torch_path(algo, data):
+    """W8A8 (and W8A8_MIX as a kv consumer) natively -- ``npu_quantize`` codes, GEMV or
+    oneDNN, ``dt(f32(f32(acc + qb) * deq))``, NaN rows for non-finite inputs -- gives the
+    bytes of the torch path (quantize_static + IntGemm.scaled + the float32 epilogue), which
+    test_linear checks against the reference. Layers from test_linear's strategy (static
+    scales that saturate, quant_bias on and off, int64 and float32 deq_scale), batches with
+    pathological rows, M on both sides of GEMV_MAX_M."""
+    tensors, x, dtype, bias, opts = data.draw(linear_case(algo, max_m=3 * vg.GEMV_MAX_M), label="case")
+    if algo == "W8A8_MIX":
+        opts["kv_consumer"] = True
+    p = prepare_linear(algo, tensors, dtype=dtype, bias=bias, backend="cpu", kernel="onednn-gemv", **opts)
+    xt = torch.from_numpy(x.astype(np.float32)).to(p.dtype)
+    if xt.shape[0] == 0:
+        return
+    # every layer this strategy draws qualifies (quant_bias within int32 - 2^24: exporter limits)
+    assert p.state["native_static"], "the native static path was not prepared"
+    native = p(xt)
+    torch_path = _nan_nonfinite_rows(xt, _static_rows(p, xt))
+    assert torch.equal(torch.isnan(native), torch.isnan(torch_path))
+    ok = ~torch.isnan(torch_path)
+    assert torch.equal(native[ok].view(torch.int16 if p.dtype != torch.float32 else torch.int32),
+                       torch_path[ok].view(torch.int16 if p.dtype != torch.float32 else torch.int32))

@@ -231,6 +231,25 @@ class OneDnnGemvIntGemm(OneDnnIntGemm):
             u, 1.0, 128, self._packed, w_scale, self._w_zp, None, 1.0, 0, torch.float32, "none", [], "")
         return self._gemv_mod.rowscale_bias(self._lib, t, s_tok, bias32, out_dtype)
 
+    def static(self, x: torch.Tensor, recip: float, offset: float, qb32: torch.Tensor | None,
+               deq: torch.Tensor, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The static (W8A8) linear natively: ``npu_quantize`` codes, the GEMV (small M) or
+        oneDNN, ``dt(f32(f32(acc + qb) * deq))``. Returns ``(y, nonfinite_rows)`` (the caller
+        sets those rows to NaN), or ``None`` where the exact path must decide (an
+        accumulator at or above 2^24, a NaN). Valid only for a kernel made without a column
+        scale and a ``qb32`` whose float32 sums with such accumulators are exact (the caller
+        checks both at preparation)."""
+        if self._lib is None or x.shape[0] == 0 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            return None
+        u, nonfinite = self._gemv_mod.quant_static_u8(self._lib, x, recip, offset)
+        if self._view is not None and x.shape[0] <= self._gemv_mod.GEMV_MAX_M:
+            acc = self._gemv_mod.gemv(self._lib, u, self._view, self.n, self._colsum128, None)
+        else:
+            acc = torch.ops.onednn.qlinear_pointwise(
+                u, 1.0, 128, self._packed, self._w_scale, self._w_zp, None, 1.0, 0, torch.float32, "none", [], "")
+        y = self._gemv_mod.static_epilogue(self._lib, acc, qb32, deq, out_dtype)
+        return None if y is None else (y, nonfinite)
+
     def _f32(self, xq: torch.Tensor) -> torch.Tensor:
         if self._view is not None and 0 < xq.shape[0] <= self._gemv_mod.GEMV_MAX_M:
             return self._gemv_mod.gemv(self._lib, xq, self._view, self.n, self._colsum128, self._scale)

@@ -228,6 +228,15 @@ def _nan_nonfinite_rows(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _fwd_static(p: PreparedLinear, x: torch.Tensor) -> torch.Tensor:
+    st = p.state
+    if st.get("native_static"):   # onednn-gemv: quantizer, GEMM and epilogue natively, same values
+        r = st["gemm"].static(x, st["recip_value"], st["offset_value"], st.get("quant_bias_f32"),
+                              st["deq_scale"], p.dtype)
+        if r is not None:
+            y, nonfinite = r
+            if bool(nonfinite.any()):
+                y[nonfinite] = float("nan")
+            return y
     return _nan_nonfinite_rows(x, _static_rows(p, x))
 
 
@@ -325,6 +334,15 @@ def prepare_linear(algo: str, tensors: Mapping, *, dtype, bias=None, backend: st
                          qb_f32_exact=bool(torch.equal(qb_f32.to(torch.int64), qb.to(torch.int64))),
                          qb_absmax=float(qb.to(torch.int64).abs().max()) if qb.numel() else 0.0)
         state["gemm"] = _int_gemm(choice, _to_torch(npt["weight"]), None, device)
+        deq = state["deq_scale"]
+        # the native path needs: the kernel, a float32 [N] deq_scale, and a quant_bias whose
+        # float32 sum with any |acc| < 2^24 is the exact integer sum rounded once
+        state["native_static"] = (hasattr(state["gemm"], "static") and deq.dtype == torch.float32
+                                  and deq.shape == (n,) and deq.is_contiguous()
+                                  and (not add_quant_bias or (state["quant_bias_f32"].shape == (n,)
+                                                              and state["qb_f32_exact"]
+                                                              and state["qb_absmax"] <= _INT32_MAX - _F32_EXACT_INT)))
+        state.update(recip_value=float(recip), offset_value=float(off))
         forward = _fwd_static
     elif algo in (A.W8A8_DYNAMIC, A.W8A8_MIX, A.W4A4_DYNAMIC):
         raw = _f32(npt["weight_scale"]).reshape(-1)

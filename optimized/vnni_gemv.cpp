@@ -172,6 +172,25 @@ bool quant_row(const float* xf, int64_t k, int64_t kp, float qmax, uint8_t* dst,
     return true;
 }
 
+// Store v (masked) at out[idx] as odtype: 0 float32, 1 bfloat16, 2 float16, rounding to nearest
+// even (torch's .to(dtype) for every non-NaN value; inf stays inf, overflow becomes inf).
+inline void store_as(__m512 v, int odtype, void* out, int64_t idx, __mmask16 mk) {
+    if (odtype == 0) {
+        _mm512_mask_storeu_ps((float*)out + idx, mk, v);
+        return;
+    }
+    __m256i h;
+    if (odtype == 1) {  // bits + 0x7FFF + lsb, >> 16
+        const __m512i b = _mm512_castps_si512(v);
+        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+        const __m512i rb = _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), lsb);
+        h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(rb, 16));
+    } else {
+        h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+    _mm256_mask_storeu_epi16((uint16_t*)out + idx, mk, h);
+}
+
 }  // namespace
 
 extern "C" {
@@ -179,15 +198,18 @@ extern "C" {
 // q [M, K] int8 (row-major), w: the blocked buffer (Np / 64 blocks of Kp * 64 bytes),
 // colsum128 [Np] int32 = 128 * sum_k w[n, k] (zero for padded n), scale [N] float32 or NULL,
 // out [M, N] float32 = f32(acc) [* scale]. Returns 0, or -1 if the scratch cannot be allocated.
+// is_u8: q already holds u = q + 128 (uint8), as aq_quant_static_u8 writes it.
 int aq_vnni_gemv(const int8_t* q, int64_t m, int64_t k, const int8_t* w, int64_t kp, int64_t np_,
-                 int64_t n, const int32_t* colsum128, const float* scale, float* out, int nthreads) {
+                 int64_t n, const int32_t* colsum128, const float* scale, float* out, int nthreads,
+                 int is_u8) {
     if (m <= 0) return 0;
     uint8_t* xu = scratch(m, kp);
     if (!xu) return -1;
+    const uint8_t flip = is_u8 ? 0u : 0x80u;
     for (int64_t r = 0; r < m; ++r) {
         const uint8_t* src = (const uint8_t*)(q + r * k);
         uint8_t* dst = xu + r * kp;
-        for (int64_t i = 0; i < k; ++i) dst[i] = (uint8_t)(src[i] ^ 0x80u);   // q + 128
+        for (int64_t i = 0; i < k; ++i) dst[i] = (uint8_t)(src[i] ^ flip);     // q + 128
         for (int64_t i = k; i < kp; ++i) dst[i] = 0x80u;                     // code 0
     }
     Epilogue e{colsum128, scale, nullptr, nullptr};
@@ -266,8 +288,8 @@ void aq_rowscale_bias(float* t, const float* s_tok, const float* bias, int64_t m
     }
 }
 
-// out [M, N] (odtype 1 bfloat16, 2 float16) = dt(f32(t * s_tok[m]) [+ bias[n]]), rounding to
-// nearest even (what torch's .to(dtype) does for every non-NaN value). t is not modified.
+// out [M, N] (odtype 1 bfloat16, 2 float16) = dt(f32(t * s_tok[m]) [+ bias[n]]) (store_as's
+// rounding). t is not modified.
 // Returns 1 if a NaN arose (torch's NaN encodings differ between its code paths: the caller
 // redoes the call in torch), else 0.
 int aq_rowscale_bias_out(const float* t, const float* s_tok, const float* bias, void* out, int odtype,
@@ -276,26 +298,75 @@ int aq_rowscale_bias_out(const float* t, const float* s_tok, const float* bias, 
 #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(| : nan)
     for (int64_t r = 0; r < m; ++r) {
         const float* row = t + r * n;
-        uint16_t* o = (uint16_t*)out + r * n;
         const __m512 s = _mm512_set1_ps(s_tok[r]);
         for (int64_t i = 0; i < n; i += 16) {
             const __mmask16 mk = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1u);
             __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, row + i), s);
             if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, bias + i));
             nan |= (int)(_mm512_mask_cmp_ps_mask(mk, v, v, _CMP_UNORD_Q) != 0);
-            __m256i h;
-            if (odtype == 1) {  // bits + 0x7FFF + lsb, >> 16: round to nearest even (inf stays inf)
-                const __m512i b = _mm512_castps_si512(v);
-                const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-                const __m512i rb = _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), lsb);
-                h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(rb, 16));
-            } else {
-                h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            }
-            _mm256_mask_storeu_epi16(o + i, mk, h);
+            store_as(v, odtype, out, r * n + i, mk);
         }
     }
     return nan;
+}
+
+// npu_quantize of x [M, K] with a per-tensor scale: q = sat(rint(f32(f32(x) * recip) + offset))
+// (two float32 roundings, no FMA; NaN -> 0; +-inf saturate), written as u = q + 128 (uint8).
+// nonfinite[r] = 1 where row r holds a NaN or an infinity (the linear's output row is NaN).
+void aq_quant_static_u8(const void* x, int dtype, int64_t m, int64_t k, float recip, float offset,
+                        uint8_t* u, uint8_t* nonfinite, int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+    {
+        float* xf = (float*)aligned_alloc(64, (size_t)((k * 4 + 63) / 64 * 64));
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < m; ++r) {
+            row_to_f32(x, dtype, r, k, xf);
+            const __m512 vr = _mm512_set1_ps(recip), vo = _mm512_set1_ps(offset);
+            const __m512 lo = _mm512_set1_ps(-128.0f), hi = _mm512_set1_ps(127.0f);
+            const __m512i off = _mm512_set1_epi32(128);
+            const __m512 inf = _mm512_set1_ps(INFINITY);
+            __mmask16 bad = 0;
+            for (int64_t i = 0; i < k; i += 16) {
+                const __mmask16 t = k - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (k - i)) - 1u);
+                const __m512 xv = _mm512_maskz_loadu_ps(t, xf + i);
+                // |x| == inf or x unordered: not finite
+                bad |= _mm512_cmp_ps_mask(_mm512_abs_ps(xv), inf, _CMP_NLT_UQ);
+                __m512 v = _mm512_add_ps(_mm512_mul_ps(xv, vr), vo);
+                v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), v);   // NaN -> 0
+                v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+                _mm_mask_storeu_epi8(u + r * k + i, t,
+                                     _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(v), off)));
+            }
+            nonfinite[r] = bad ? 1 : 0;
+        }
+        free(xf);
+    }
+}
+
+// The static epilogue (npu_quant_matmul with deq_scale): out = dt(f32(f32(acc + qb[n]) * deq[n]))
+// from acc = f32(int32 accumulator) [M, N]; odtype 0 float32, 1 bfloat16, 2 float16. Valid only
+// while every |acc| < 2^24 (acc then exact, and acc + qb the rounding of the exact integer sum
+// for the qb the caller allows): returns bit 1 set if some |acc| >= 2^24, bit 0 if a NaN arose;
+// the caller then takes its exact path.
+int aq_static_epilogue(const float* acc, const float* qb, const float* deq, void* out, int odtype,
+                       int64_t m, int64_t n, int nthreads) {
+    int flags = 0;
+#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(| : flags)
+    for (int64_t r = 0; r < m; ++r) {
+        const float* row = acc + r * n;
+        const __m512 lim = _mm512_set1_ps(16777216.0f);
+        for (int64_t i = 0; i < n; i += 16) {
+            const __mmask16 mk = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1u);
+            __m512 v = _mm512_maskz_loadu_ps(mk, row + i);
+            flags |= _mm512_mask_cmp_ps_mask(mk, _mm512_abs_ps(v), lim, _CMP_GE_OQ) ? 2 : 0;
+            if (qb) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, qb + i));
+            v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mk, deq + i));
+            flags |= _mm512_mask_cmp_ps_mask(mk, v, v, _CMP_UNORD_Q) ? 1 : 0;
+            store_as(v, odtype, out, r * n + i, mk);
+        }
+    }
+    return flags;
 }
 
 }  // extern "C"

@@ -41,7 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["GEMV_MAX_M", "MAX_GEMV_KP", "library", "verified_view", "colsum128", "gemv", "pertoken_gemv", "quant_pertoken_u8", "rowscale_bias"]
+__all__ = ["GEMV_MAX_M", "MAX_GEMV_KP", "library", "verified_view", "colsum128", "gemv", "pertoken_gemv", "quant_pertoken_u8", "rowscale_bias",
+           "quant_static_u8", "static_epilogue"]
 
 #: Largest M the GEMV serves; larger M goes to the oneDNN matmul. Measured (one thread,
 #: K = N = 4096, bf16 model, cold cache, ms per call, GEMV vs oneDNN): the fused per-token
@@ -117,7 +118,13 @@ def library() -> tuple[ctypes.CDLL | None, str | None]:
         return None, f"building/loading vnni_gemv.cpp failed: {type(e).__name__}: {str(e)[:300]}"
     fn = lib.aq_vnni_gemv
     i64, p = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [p, i64, i64, p, i64, i64, i64, p, p, p, ctypes.c_int]
+    fn.argtypes = [p, i64, i64, p, i64, i64, i64, p, p, p, ctypes.c_int, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    fn = lib.aq_quant_static_u8
+    fn.argtypes = [p, ctypes.c_int, i64, i64, ctypes.c_float, ctypes.c_float, p, p, ctypes.c_int]
+    fn.restype = None
+    fn = lib.aq_static_epilogue
+    fn.argtypes = [p, p, p, p, ctypes.c_int, i64, i64, ctypes.c_int]
     fn.restype = ctypes.c_int
     fn = lib.aq_pertoken_gemv
     fn.argtypes = [p, ctypes.c_int, i64, i64, ctypes.c_float, p, i64, i64, i64, p, p, p, p, p, ctypes.c_int]
@@ -171,13 +178,14 @@ def colsum128(weight_nk: torch.Tensor, np_: int) -> torch.Tensor:
 
 def gemv(lib: ctypes.CDLL, xq: torch.Tensor, view: tuple[int, int, int], n: int, colsum: torch.Tensor,
          col_scale: torch.Tensor | None) -> torch.Tensor:
-    """``f32(xq @ w.T) * col_scale`` (float32 ``[M, N]``); ``xq`` int8 ``[M, K]`` contiguous."""
+    """``f32(q @ w.T) * col_scale`` (float32 ``[M, N]``); ``xq`` contiguous ``[M, K]``: the int8
+    codes ``q``, or (uint8) ``u = q + 128`` as :func:`quant_static_u8` writes them."""
     ptr, kp, np_ = view
     m, k = xq.shape
     out = torch.empty((m, n), dtype=torch.float32)
     rc = lib.aq_vnni_gemv(xq.data_ptr(), m, k, ptr, kp, np_, n, colsum.data_ptr(),
                           None if col_scale is None else col_scale.data_ptr(), out.data_ptr(),
-                          torch.get_num_threads())
+                          torch.get_num_threads(), int(xq.dtype == torch.uint8))
     if rc != 0:
         raise MemoryError(f"vnni_gemv: cannot allocate {m * kp} bytes of activation scratch")
     return out
@@ -247,3 +255,28 @@ def rowscale_bias(lib: ctypes.CDLL, t: torch.Tensor, s_tok: torch.Tensor, bias32
     lib.aq_rowscale_bias(t.data_ptr(), s_tok.data_ptr(), None if bias32 is None else bias32.data_ptr(), m, n,
                          torch.get_num_threads())
     return t
+
+
+def quant_static_u8(lib: ctypes.CDLL, x: torch.Tensor, recip: float, offset: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``npu_quantize`` with a per-tensor scale, exactly
+    :func:`~.activation_quant.quantize_static`'s codes, as ``u = q + 128`` (uint8 ``[M, K]``),
+    and a bool ``[M]``: rows holding NaN or an infinity (their linear output is a NaN row)."""
+    x = x.contiguous()
+    m, k = x.shape
+    u = torch.empty((m, k), dtype=torch.uint8)
+    bad = torch.empty(m, dtype=torch.uint8)
+    lib.aq_quant_static_u8(x.data_ptr(), _DTYPE_CODE[x.dtype], m, k, recip, offset, u.data_ptr(), bad.data_ptr(),
+                           torch.get_num_threads())
+    return u, bad.bool()
+
+
+def static_epilogue(lib: ctypes.CDLL, acc: torch.Tensor, qb32: torch.Tensor | None, deq: torch.Tensor,
+                    out_dtype: torch.dtype) -> torch.Tensor | None:
+    """``dt(f32(f32(acc + qb[n]) * deq[n]))`` from ``acc = f32(accumulator)`` float32 ``[M, N]``;
+    ``None`` when some ``|acc| >= 2^24`` (acc may not be the exact sum) or a NaN arose: the
+    caller's exact path decides those."""
+    m, n = acc.shape
+    out = torch.empty((m, n), dtype=out_dtype)
+    flags = lib.aq_static_epilogue(acc.data_ptr(), None if qb32 is None else qb32.data_ptr(), deq.data_ptr(),
+                                   out.data_ptr(), _DTYPE_CODE[out_dtype], m, n, torch.get_num_threads())
+    return None if flags else out

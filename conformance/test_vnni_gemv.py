@@ -208,3 +208,22 @@ def test_native_static_path_equals_the_torch_path(algo, data):
     ok = ~torch.isnan(torch_path)
     assert torch.equal(native[ok].view(torch.int16 if p.dtype != torch.float32 else torch.int32),
                        torch_path[ok].view(torch.int16 if p.dtype != torch.float32 else torch.int32))
+
+
+@pytest.mark.skipif(LIB is None, reason=f"VNNI GEMV unavailable here: {WHY}")
+def test_library_builds_from_source_into_an_empty_cache(tmp_path, monkeypatch):
+    """A fresh machine compiles vnni_gemv.cpp (the shared cache may already hold it here)."""
+    monkeypatch.setenv("ASCEND_QUANT_KERNEL_CACHE", str(tmp_path))
+    vg.library.cache_clear()
+    try:
+        lib, why = vg.library()
+        assert lib is not None, why
+        built = list(tmp_path.glob("libaq_vnni_gemv-*.so"))
+        assert len(built) == 1 and list(tmp_path.glob("*")) == built    # no temporary left behind
+        w = torch.from_numpy(np.random.default_rng(1).integers(-128, 128, (64, 64), dtype=np.int8))
+        g = OneDnnGemvIntGemm(w)
+        x = torch.from_numpy(np.random.default_rng(2).integers(-128, 128, (2, 64), dtype=np.int8))
+        assert torch.equal(g.scaled(x), (x.to(torch.int64) @ w.to(torch.int64).T).to(torch.float32))
+    finally:
+        monkeypatch.delenv("ASCEND_QUANT_KERNEL_CACHE")
+        vg.library.cache_clear()

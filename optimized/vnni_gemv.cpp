@@ -1,6 +1,7 @@
-// Exact int8 x int8 -> int32 matrix-vector products for small M, on AVX-512 VNNI.
-//
-// Built and loaded by optimized/vnni_gemv.py (g++, ctypes); see there for the contract.
+// Native pieces of the integer linear on AVX-512 (VNNI): the exact int8 GEMV for small M, the
+// exact activation quantizers (npu_dynamic_quant per token, npu_quantize per tensor) and the
+// float32 epilogues with their rounding to the model dtype, each matching the torch path bit
+// for bit. Built and loaded by optimized/vnni_gemv.py (g++, ctypes); see there for the contract.
 // The weight is read where oneDNN keeps it: the buffer torch.ops.onednn.qlinear_prepack made
 // (its AVX-512 VNNI blocked format, verified byte for byte against the checkpoint weight
 // before this code is ever given it):

@@ -8,6 +8,12 @@ one thread, cold cache: ~1.0 ms per call where 16 MiB at the ~30 GB/s this machi
 (RNE) times the optional column scale -- the same values as :class:`~.int_gemm.IntGemm`'s
 ``scaled`` contract, bit for bit.
 
+The same library holds the exact activation quantizers (per token, per tensor) and the
+float32 epilogues, so the whole small-M linear is one native call and larger M is native
+quantizer -> oneDNN -> native epilogue (:meth:`~.int_gemm.OneDnnGemvIntGemm.pertoken`,
+:meth:`~.int_gemm.OneDnnGemvIntGemm.static`); rows they do not handle (zero, NaN/inf, ...)
+return ``None`` to the caller's torch path.
+
 No second copy of the weight: the kernel reads the buffer ``torch.ops.onednn.qlinear_prepack``
 made (``torch.ops.mkldnn.data_ptr``), whose layout on AVX-512 VNNI is
 

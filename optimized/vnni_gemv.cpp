@@ -144,14 +144,8 @@ bool quant_row(const float* xf, int64_t k, int64_t kp, float qmax, uint8_t* dst,
     __m512 vmax = _mm512_setzero_ps();
     __mmask16 nan = 0;
     int64_t i = 0;
-    for (; i + 16 <= k; i += 16) {
-        const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(xf + i));
-        nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
-        vmax = _mm512_max_ps(vmax, a);
-    }
-    if (i < k) {
-        const __mmask16 t = (__mmask16)((1u << (k - i)) - 1u);
-        const __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(t, xf + i));
+    for (; i < k; i += 16) {   // masked-off lanes load 0: |0| never raises the maximum
+        const __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(tail_mask(i, k), xf + i));
         nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
         vmax = _mm512_max_ps(vmax, a);
     }
@@ -161,7 +155,7 @@ bool quant_row(const float* xf, int64_t k, int64_t kp, float qmax, uint8_t* dst,
     const __m512 vr = _mm512_set1_ps(rr), hi = _mm512_set1_ps(qmax), lo = _mm512_set1_ps(-qmax);
     const __m512i off = _mm512_set1_epi32(128);
     for (i = 0; i < k; i += 16) {
-        const __mmask16 t = k - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (k - i)) - 1u);
+        const __mmask16 t = tail_mask(i, k);
         __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(t, xf + i), vr);
         v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);   // RNE
         v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
@@ -274,42 +268,6 @@ int aq_quant_pertoken_u8(const void* x, int dtype, int64_t m, int64_t k, float q
     return bad & 2 ? -1 : (bad ? 1 : 0);
 }
 
-// t [M, N] float32 in place: t = f32(t * s_tok[m]) [+ bias[n]] (two roundings, no FMA).
-void aq_rowscale_bias(float* t, const float* s_tok, const float* bias, int64_t m, int64_t n, int nthreads) {
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t r = 0; r < m; ++r) {
-        float* row = t + r * n;
-        const __m512 s = _mm512_set1_ps(s_tok[r]);
-        for (int64_t i = 0; i < n; i += 16) {
-            const __mmask16 mk = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1u);
-            __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, row + i), s);
-            if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, bias + i));
-            _mm512_mask_storeu_ps(row + i, mk, v);
-        }
-    }
-}
-
-// out [M, N] (odtype 1 bfloat16, 2 float16) = dt(f32(t * s_tok[m]) [+ bias[n]]) (store_as's
-// rounding). t is not modified.
-// Returns 1 if a NaN arose (torch's NaN encodings differ between its code paths: the caller
-// redoes the call in torch), else 0.
-int aq_rowscale_bias_out(const float* t, const float* s_tok, const float* bias, void* out, int odtype,
-                         int64_t m, int64_t n, int nthreads) {
-    int nan = 0;
-#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(| : nan)
-    for (int64_t r = 0; r < m; ++r) {
-        const float* row = t + r * n;
-        const __m512 s = _mm512_set1_ps(s_tok[r]);
-        for (int64_t i = 0; i < n; i += 16) {
-            const __mmask16 mk = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1u);
-            __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, row + i), s);
-            if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, bias + i));
-            nan |= (int)(_mm512_mask_cmp_ps_mask(mk, v, v, _CMP_UNORD_Q) != 0);
-            store_as(v, odtype, out, r * n + i, mk);
-        }
-    }
-    return nan;
-}
 
 // npu_quantize of x [M, K] with a per-tensor scale: q = sat(rint(f32(f32(x) * recip) + offset))
 // (two float32 roundings, no FMA; NaN -> 0; +-inf saturate), written as u = q + 128 (uint8).
@@ -328,7 +286,7 @@ void aq_quant_static_u8(const void* x, int dtype, int64_t m, int64_t k, float re
             const __m512 inf = _mm512_set1_ps(INFINITY);
             __mmask16 bad = 0;
             for (int64_t i = 0; i < k; i += 16) {
-                const __mmask16 t = k - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (k - i)) - 1u);
+                const __mmask16 t = tail_mask(i, k);
                 const __m512 xv = _mm512_maskz_loadu_ps(t, xf + i);
                 // |x| == inf or x unordered: not finite
                 bad |= _mm512_cmp_ps_mask(_mm512_abs_ps(xv), inf, _CMP_NLT_UQ);
@@ -345,25 +303,29 @@ void aq_quant_static_u8(const void* x, int dtype, int64_t m, int64_t k, float re
     }
 }
 
-// The static epilogue (npu_quant_matmul with deq_scale): out = dt(f32(f32(acc + qb[n]) * deq[n]))
-// from acc = f32(int32 accumulator) [M, N]; odtype 0 float32, 1 bfloat16, 2 float16. Valid only
-// while every |acc| < 2^24 (acc then exact, and acc + qb the rounding of the exact integer sum
-// for the qb the caller allows): returns bit 1 set if some |acc| >= 2^24, bit 0 if a NaN arose;
-// the caller then takes its exact path.
-int aq_static_epilogue(const float* acc, const float* qb, const float* deq, void* out, int odtype,
-                       int64_t m, int64_t n, int nthreads) {
+// The float32 epilogue of both integer paths, one pass over t [M, N] (f32(acc), or f32(acc) *
+// scale[n] from the GEMM), each step a separately rounded float32 operation (no FMA), optional
+// steps skipped where their operand is NULL:
+//     v = ((t [+ pre[n]]) [* col[n]]) [* row[m]] [+ post[n]],   out = dt(v)  (store_as)
+// per-token: row = s_tok, post = bias; static: pre = quant_bias, col = deq_scale, with
+// check_exact set: bit 1 of the result is set if some |t| >= 2^24 (t may then not be the
+// exact accumulator). Bit 0: a NaN arose (torch's NaN encodings differ between its code
+// paths, so the caller redoes the call in torch). out may be t itself (odtype 0).
+int aq_epilogue(const float* t, const float* pre, const float* col, const float* row, const float* post,
+                int check_exact, void* out, int odtype, int64_t m, int64_t n, int nthreads) {
     int flags = 0;
 #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(| : flags)
     for (int64_t r = 0; r < m; ++r) {
-        const float* row = acc + r * n;
         const __m512 lim = _mm512_set1_ps(16777216.0f);
         for (int64_t i = 0; i < n; i += 16) {
-            const __mmask16 mk = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1u);
-            __m512 v = _mm512_maskz_loadu_ps(mk, row + i);
-            flags |= _mm512_mask_cmp_ps_mask(mk, _mm512_abs_ps(v), lim, _CMP_GE_OQ) ? 2 : 0;
-            if (qb) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, qb + i));
-            v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mk, deq + i));
-            flags |= _mm512_mask_cmp_ps_mask(mk, v, v, _CMP_UNORD_Q) ? 1 : 0;
+            const __mmask16 mk = tail_mask(i, n);
+            __m512 v = _mm512_maskz_loadu_ps(mk, t + r * n + i);
+            if (check_exact && _mm512_mask_cmp_ps_mask(mk, _mm512_abs_ps(v), lim, _CMP_GE_OQ)) flags |= 2;
+            if (pre) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, pre + i));
+            if (col) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mk, col + i));
+            if (row) v = _mm512_mul_ps(v, _mm512_set1_ps(row[r]));
+            if (post) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, post + i));
+            if (_mm512_mask_cmp_ps_mask(mk, v, v, _CMP_UNORD_Q)) flags |= 1;
             store_as(v, odtype, out, r * n + i, mk);
         }
     }

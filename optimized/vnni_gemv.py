@@ -129,20 +129,15 @@ def library() -> tuple[ctypes.CDLL | None, str | None]:
     fn = lib.aq_quant_static_u8
     fn.argtypes = [p, ctypes.c_int, i64, i64, ctypes.c_float, ctypes.c_float, p, p, ctypes.c_int]
     fn.restype = None
-    fn = lib.aq_static_epilogue
-    fn.argtypes = [p, p, p, p, ctypes.c_int, i64, i64, ctypes.c_int]
-    fn.restype = ctypes.c_int
+
     fn = lib.aq_pertoken_gemv
     fn.argtypes = [p, ctypes.c_int, i64, i64, ctypes.c_float, p, i64, i64, i64, p, p, p, p, p, ctypes.c_int]
     fn.restype = ctypes.c_int
     fn = lib.aq_quant_pertoken_u8
     fn.argtypes = [p, ctypes.c_int, i64, i64, ctypes.c_float, p, p, ctypes.c_int]
     fn.restype = ctypes.c_int
-    fn = lib.aq_rowscale_bias
-    fn.argtypes = [p, p, p, i64, i64, ctypes.c_int]
-    fn.restype = None
-    fn = lib.aq_rowscale_bias_out
-    fn.argtypes = [p, p, p, p, ctypes.c_int, i64, i64, ctypes.c_int]
+    fn = lib.aq_epilogue
+    fn.argtypes = [p, p, p, p, p, ctypes.c_int, p, ctypes.c_int, i64, i64, ctypes.c_int]
     fn.restype = ctypes.c_int
     return lib, None
 
@@ -242,6 +237,10 @@ def quant_pertoken_u8(lib: ctypes.CDLL, x: torch.Tensor, qmax: int) -> tuple[tor
     return u, s_tok
 
 
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
 def rowscale_bias(lib: ctypes.CDLL, t: torch.Tensor, s_tok: torch.Tensor, bias32: torch.Tensor | None,
                   out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The per-token epilogue's two float32 operations ``f32(t * s_tok[m]) + bias32[n]`` in
@@ -249,18 +248,13 @@ def rowscale_bias(lib: ctypes.CDLL, t: torch.Tensor, s_tok: torch.Tensor, bias32
     written rounded to bfloat16 / float16 (``.to(out_dtype)``'s values; a NaN anywhere sends
     the call through torch, whose NaN encodings the native rounding does not imitate)."""
     m, n = t.shape
-    if out_dtype in (torch.bfloat16, torch.float16):
-        out = torch.empty((m, n), dtype=out_dtype)
-        nan = lib.aq_rowscale_bias_out(t.data_ptr(), s_tok.data_ptr(),
-                                       None if bias32 is None else bias32.data_ptr(), out.data_ptr(),
-                                       _DTYPE_CODE[out_dtype], m, n, torch.get_num_threads())
-        if not nan:
-            return out
+    out = t if out_dtype == torch.float32 else torch.empty((m, n), dtype=out_dtype)
+    flags = lib.aq_epilogue(t.data_ptr(), None, None, s_tok.data_ptr(), _ptr(bias32), 0, out.data_ptr(),
+                            _DTYPE_CODE[out_dtype], m, n, torch.get_num_threads())
+    if flags and out is not t:
         t = t.mul(s_tok.unsqueeze(1))
         return (t if bias32 is None else t.add_(bias32)).to(out_dtype)
-    lib.aq_rowscale_bias(t.data_ptr(), s_tok.data_ptr(), None if bias32 is None else bias32.data_ptr(), m, n,
-                         torch.get_num_threads())
-    return t
+    return out
 
 
 def quant_static_u8(lib: ctypes.CDLL, x: torch.Tensor, recip: float, offset: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -283,6 +277,6 @@ def static_epilogue(lib: ctypes.CDLL, acc: torch.Tensor, qb32: torch.Tensor | No
     caller's exact path decides those."""
     m, n = acc.shape
     out = torch.empty((m, n), dtype=out_dtype)
-    flags = lib.aq_static_epilogue(acc.data_ptr(), None if qb32 is None else qb32.data_ptr(), deq.data_ptr(),
-                                   out.data_ptr(), _DTYPE_CODE[out_dtype], m, n, torch.get_num_threads())
+    flags = lib.aq_epilogue(acc.data_ptr(), _ptr(qb32), deq.data_ptr(), None, None, 1, out.data_ptr(),
+                            _DTYPE_CODE[out_dtype], m, n, torch.get_num_threads())
     return None if flags else out

@@ -199,12 +199,16 @@ class OneDnnGemvIntGemm(OneDnnIntGemm):
         #: why small M runs on the oneDNN matmul too (None when the GEMV serves it)
         self.gemv_unavailable = why
         if self._view is not None:
-            self._colsum128 = vnni_gemv.colsum128(weight_nk, self._view[2])
+            self._colsum128 = vnni_gemv.colsum128(self._colsum, self._view[2])
             self._scale = self.col_scale
 
     def resident_bytes(self) -> int:
         extra = 0 if self._view is None else self._colsum128.numel() * 4
         return super().resident_bytes() + extra
+
+    def _native_takes(self, x: torch.Tensor) -> bool:
+        """The native library is loaded and reads ``x``'s dtype; ``x`` has rows."""
+        return self._lib is not None and x.shape[0] > 0 and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
 
     def pertoken(self, x: torch.Tensor, qmax: int, bias32: torch.Tensor | None,
                  col_scale: torch.Tensor | None = None,
@@ -214,7 +218,7 @@ class OneDnnGemvIntGemm(OneDnnIntGemm):
         the general path.
         ``col_scale`` (float32 ``[N]``, contiguous) replaces the kernel's own column scale.
         The result is float32 or, where that saves a pass, already rounded to ``out_dtype``."""
-        if self._lib is None or x.shape[0] == 0 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        if not self._native_takes(x):
             return None
         scale = self._scale if col_scale is None else col_scale
         if self._view is not None and x.shape[0] <= self._gemv_mod.GEMV_MAX_M:
@@ -239,7 +243,7 @@ class OneDnnGemvIntGemm(OneDnnIntGemm):
         accumulator at or above 2^24, a NaN). Valid only for a kernel made without a column
         scale and a ``qb32`` whose float32 sums with such accumulators are exact (the caller
         checks both at preparation)."""
-        if self._lib is None or x.shape[0] == 0 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        if not self._native_takes(x):
             return None
         u, nonfinite = self._gemv_mod.quant_static_u8(self._lib, x, recip, offset)
         if self._view is not None and x.shape[0] <= self._gemv_mod.GEMV_MAX_M:

@@ -170,10 +170,11 @@ def verified_view(packed: torch.Tensor, weight_nk: torch.Tensor) -> tuple[tuple[
     return (ptr, kp, np_), None
 
 
-def colsum128(weight_nk: torch.Tensor, np_: int) -> torch.Tensor:
-    """``128 * sum_k w[n, k]`` as int32 ``[Np]`` (zero for padded columns)."""
+def colsum128(colsum: torch.Tensor, np_: int) -> torch.Tensor:
+    """``128 * colsum[n]`` as int32 ``[Np]`` (zero for padded columns), from the int64 column
+    sums ``sum_k w[n, k]`` the kernel already holds (``IntGemm._colsum``)."""
     out = torch.zeros(np_, dtype=torch.int32)
-    out[: weight_nk.shape[0]] = weight_nk.to(torch.int64).sum(dim=1).mul_(128).to(torch.int32)
+    out[: colsum.shape[0]] = (colsum * 128).to(torch.int32)
     return out
 
 

@@ -97,12 +97,13 @@ def _as_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
         return round_to_dtype(x, hh.np_dtype(dtype))
 
 
-def pathological_batch(k: int, dtype: str, seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+def pathological_batch(k: int, dtype: str, seed: int | np.random.Generator,
+                       kinds: tuple[str, ...] = KINDS) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
     """``(x, clean, where)``: ``x`` interleaves ordinary rows with one row of every kind
     (``where[kind]`` = its row); ``clean`` is ``x`` with those rows replaced by ordinary ones."""
     rng = np.random.default_rng(seed)
     rows, clean, where = [], [], {}
-    for kind in KINDS:
+    for kind in kinds:
         rows.append(_row("normal", k, dtype, rng))
         clean.append(rows[-1])
         where[kind] = len(rows)
@@ -300,14 +301,7 @@ def test_pathological_tokens_moe(backend, algo, group, dtype):
     e, h, i = 4, 32, 16
     experts = mh.build_experts(algo, e, h, i, seed=5, mode="quantized", group=group)
     rng = np.random.default_rng(6)
-    rows, clean, where = [], [], {}
-    for kind in _MOE_KINDS:
-        rows.append(_row("normal", h, dtype, rng))
-        clean.append(rows[-1])
-        where[kind] = len(rows)
-        rows.append(_row(kind, h, dtype, rng))
-        clean.append(_row("normal", h, dtype, rng))
-    x, x_clean = _as_dtype(np.array(rows), dtype), _as_dtype(np.array(clean), dtype)
+    x, x_clean, where = pathological_batch(h, dtype, rng, _MOE_KINDS)   # draws from rng, then routing does
     t = x.shape[0]
     ids = np.stack([rng.permutation(e)[:2] for _ in range(t)]).astype(np.int32)
     w = rng.uniform(0.1, 1.0, (t, 2)).astype(np.float32)
